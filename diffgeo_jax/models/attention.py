@@ -1,0 +1,208 @@
+"""Attention and the spatial transformer of Stable Diffusion, mirroring diffusers' modules.
+
+`dot_product_attention` is the one place attention is computed. Its default `impl='softmax'` is a
+plain einsum/softmax that supports forward- and reverse-mode AD everywhere (the latent-geometry
+work runs `jax.jvp` through the whole UNet); `impl='jax'` hands the same computation to
+`jax.nn.dot_product_attention`, which can pick a fused kernel (cuDNN) on GPU.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffgeo_jax.models.layers import Dtype, conv, group_norm, layer_norm
+
+ATTENTION_IMPLS = ('softmax', 'jax')
+
+
+def dot_product_attention(q, k, v, *, scale: float, mask=None, upcast: bool = True,
+                          impl: str = 'softmax'):
+  """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D). `mask` (B, 1 or H, Lq, Lk) boolean, True
+  = attend. Scores and softmax are computed in float32 when `upcast` (the default, so bf16
+  activations keep a stable softmax)."""
+  if impl == 'jax':
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
+  if impl != 'softmax':
+    raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  dtype = q.dtype
+  wide = jnp.promote_types(dtype, jnp.float32)  # at least float32; float64 stays float64
+  if upcast:
+    q, k = q.astype(wide), k.astype(wide)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+  weights = jax.nn.softmax(scores.astype(wide), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
+
+
+class Attention(nn.Module):
+  """diffusers `Attention` (the subset SD uses): multi-head attention with optional cross-attention
+  context, and the VAE variant with an input GroupNorm and a residual connection."""
+  query_dim: int
+  heads: int = 8
+  dim_head: int = 64
+  cross_attention_dim: int | None = None
+  bias: bool = False
+  out_bias: bool = True
+  upcast_attention: bool = False
+  norm_num_groups: int | None = None
+  eps: float = 1e-5
+  residual_connection: bool = False
+  rescale_output_factor: float = 1.0
+  attention_impl: str = 'softmax'
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    inner = self.heads * self.dim_head
+    if self.norm_num_groups is not None:
+      self.group_norm = group_norm(self.norm_num_groups, self.eps, self.dtype)
+    self.to_q = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype)
+    self.to_k = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype)
+    self.to_v = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype)
+    self.to_out_0 = nn.Dense(self.query_dim, use_bias=self.out_bias, dtype=self.dtype)
+
+  def __call__(self, x, context=None):
+    residual, spatial = x, x.shape
+    if x.ndim == 4:  # (B, H, W, C) -> (B, HW, C)
+      x = x.reshape(spatial[0], -1, spatial[-1])
+    if self.norm_num_groups is not None:
+      x = self.group_norm(x)
+    context = x if context is None else context
+    b = x.shape[0]
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, self.dim_head)
+    q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+    out = dot_product_attention(q, k, v, scale=self.dim_head ** -0.5, impl=self.attention_impl)
+    out = self.to_out_0(out.reshape(b, -1, self.heads * self.dim_head))
+    if len(spatial) == 4:
+      out = out.reshape(spatial)
+    if self.residual_connection:
+      out = out + residual
+    return out / self.rescale_output_factor
+
+
+class GEGLU(nn.Module):
+  """Gated GELU: proj to 2*dim_out, value * gelu(gate) (exact gelu, as torch's F.gelu)."""
+  dim_out: int
+  bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h, gate = jnp.split(nn.Dense(2 * self.dim_out, use_bias=self.bias, dtype=self.dtype,
+                                 name='proj')(x), 2, axis=-1)
+    return h * nn.gelu(gate, approximate=False)
+
+
+class GELU(nn.Module):
+  dim_out: int
+  approximate: bool = False
+  bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.dim_out, use_bias=self.bias, dtype=self.dtype, name='proj')(x)
+    return nn.gelu(h, approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+  """net.0 = (GEGLU | GELU), net.1 = dropout (no parameters), net.2 = Linear."""
+  dim: int
+  mult: int = 4
+  activation_fn: str = 'geglu'
+  inner_dim: int | None = None
+  bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    inner = self.inner_dim or self.dim * self.mult
+    if self.activation_fn == 'geglu':
+      self.net_0 = GEGLU(inner, bias=self.bias, dtype=self.dtype)
+    elif self.activation_fn in ('gelu', 'gelu-approximate'):
+      self.net_0 = GELU(inner, approximate=self.activation_fn == 'gelu-approximate', bias=self.bias,
+                        dtype=self.dtype)
+    else:
+      raise NotImplementedError(f'feed-forward activation_fn={self.activation_fn!r} is not supported')
+    self.net_2 = nn.Dense(self.dim, use_bias=self.bias, dtype=self.dtype)
+
+  def __call__(self, x):
+    return self.net_2(self.net_0(x))
+
+
+class BasicTransformerBlock(nn.Module):
+  """Self-attention, cross-attention, feed-forward; each pre-LayerNorm with a residual."""
+  dim: int
+  heads: int
+  dim_head: int
+  cross_attention_dim: int | None = None
+  activation_fn: str = 'geglu'
+  attention_bias: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  norm_eps: float = 1e-5
+  attention_impl: str = 'softmax'
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    attn = dict(query_dim=self.dim, heads=self.heads, dim_head=self.dim_head, bias=self.attention_bias,
+                upcast_attention=self.upcast_attention, attention_impl=self.attention_impl,
+                dtype=self.dtype)
+    self.norm1 = layer_norm(self.norm_eps, self.dtype)
+    self.attn1 = Attention(
+        cross_attention_dim=self.cross_attention_dim if self.only_cross_attention else None, **attn)
+    self.norm2 = layer_norm(self.norm_eps, self.dtype)
+    self.attn2 = Attention(cross_attention_dim=self.cross_attention_dim, **attn)
+    self.norm3 = layer_norm(self.norm_eps, self.dtype)
+    self.ff = FeedForward(self.dim, activation_fn=self.activation_fn, dtype=self.dtype)
+
+  def __call__(self, x, context):
+    x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
+    x = self.attn2(self.norm2(x), context) + x
+    return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+  """GroupNorm -> proj_in (1x1 conv, or Linear when `use_linear_projection`) -> transformer
+  blocks -> proj_out, plus the input as residual. Input and output (B, H, W, C)."""
+  num_attention_heads: int
+  attention_head_dim: int
+  in_channels: int
+  num_layers: int = 1
+  cross_attention_dim: int | None = None
+  norm_num_groups: int = 32
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  attention_impl: str = 'softmax'
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    inner = self.num_attention_heads * self.attention_head_dim
+    self.norm = group_norm(self.norm_num_groups, 1e-6, self.dtype)
+    if self.use_linear_projection:
+      self.proj_in = nn.Dense(inner, dtype=self.dtype)
+      self.proj_out = nn.Dense(self.in_channels, dtype=self.dtype)
+    else:
+      self.proj_in = conv(inner, 1, self.dtype)
+      self.proj_out = conv(self.in_channels, 1, self.dtype)
+    self.transformer_blocks = [
+        BasicTransformerBlock(inner, self.num_attention_heads, self.attention_head_dim,
+                              cross_attention_dim=self.cross_attention_dim,
+                              only_cross_attention=self.only_cross_attention,
+                              upcast_attention=self.upcast_attention,
+                              attention_impl=self.attention_impl, dtype=self.dtype)
+        for _ in range(self.num_layers)
+    ]
+
+  def __call__(self, x, context):
+    b, h, w, c = x.shape
+    residual = x
+    x = self.norm(x)
+    # A 1x1 conv and a Linear are the same map on NHWC; only the parameter layout differs.
+    x = self.proj_in(x).reshape(b, h * w, -1)
+    for block in self.transformer_blocks:
+      x = block(x, context)
+    x = self.proj_out(x.reshape(b, h, w, -1))
+    return x + residual

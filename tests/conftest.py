@@ -1,0 +1,23 @@
+"""Shared test settings: parity tests need full-precision matmuls (TPU/GPU default to bf16 passes)."""
+
+import jax
+import pytest
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+@pytest.fixture(scope='session')
+def diffusers_pipeline_dir(tmp_path_factory):
+  """A tiny StableDiffusionPipeline folder written by diffusers itself (random weights)."""
+  from diffusers import DDPMScheduler, StableDiffusionPipeline
+  from transformers import CLIPTokenizer
+
+  from tests.models import oracles
+  path = tmp_path_factory.mktemp('pipe')
+  oracles.write_tiny_clip_tokenizer(str(path / 'tok'))
+  pipe = StableDiffusionPipeline(
+      vae=oracles.torch_vae(), text_encoder=oracles.torch_clip(), unet=oracles.torch_unet('sd1'),
+      tokenizer=CLIPTokenizer.from_pretrained(path / 'tok'), scheduler=DDPMScheduler(),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.save_pretrained(path / 'sd')
+  return path / 'sd'
