@@ -21,3 +21,21 @@ def diffusers_pipeline_dir(tmp_path_factory):
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(path / 'sd')
   return path / 'sd'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  if call.when == 'call':
+    from tests import report
+    outcome.get_result().user_properties.extend(report.drain())
+
+
+def pytest_terminal_summary(terminalreporter):
+  rows = [(rep.nodeid.split('::', 1)[-1], name, value)
+          for status in ('passed', 'failed') for rep in terminalreporter.stats.get(status, [])
+          if rep.when == 'call' for name, value in rep.user_properties]
+  if rows:
+    terminalreporter.section('measurements')
+    for test, name, value in sorted(rows):
+      terminalreporter.write_line(f'{name}: {value}    [{test}]')

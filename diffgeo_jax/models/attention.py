@@ -17,6 +17,11 @@ from diffgeo_jax.models.layers import Dtype, conv, group_norm, layer_norm
 ATTENTION_IMPLS = ('softmax', 'jax')
 
 
+def check_attention_impl(impl: str) -> None:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+
+
 def dot_product_attention(q, k, v, *, scale: float, mask=None, upcast: bool = True,
                           impl: str = 'softmax'):
   """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D). `mask` (B, 1 or H, Lq, Lk) boolean, True
@@ -24,8 +29,7 @@ def dot_product_attention(q, k, v, *, scale: float, mask=None, upcast: bool = Tr
   activations keep a stable softmax)."""
   if impl == 'jax':
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
-  if impl != 'softmax':
-    raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  check_attention_impl(impl)
   dtype = q.dtype
   wide = jnp.promote_types(dtype, jnp.float32)  # at least float32; float64 stays float64
   if upcast:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgeo_jax.models import config_utils
-from diffgeo_jax.models.attention import ATTENTION_IMPLS
+from diffgeo_jax.models.attention import check_attention_impl
 from diffgeo_jax.models.layers import (Dtype, TimestepEmbedding, conv, get_activation, group_norm,
                                        timestep_embedding)
 from diffgeo_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
@@ -139,8 +139,7 @@ class UNet2DConditionModel(nn.Module):
 
   def setup(self):
     c = self.config
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}')
+    check_attention_impl(self.attention_impl)
     boc = c.block_out_channels
     n = len(boc)
     layers, heads = c.per_block('layers_per_block'), c.per_block('num_attention_heads')

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgeo_jax.models import config_utils
-from diffgeo_jax.models.attention import ATTENTION_IMPLS, Attention
+from diffgeo_jax.models.attention import check_attention_impl, Attention
 from diffgeo_jax.models.layers import Downsample2D, Dtype, ResnetBlock2D, Upsample2D, conv, get_activation, group_norm
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -199,8 +199,7 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     c = self.config
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}')
+    check_attention_impl(self.attention_impl)
     self.encoder = Encoder(c, self.attention_impl, self.dtype)
     self.decoder = Decoder(c, self.attention_impl, self.dtype)
     if c.use_quant_conv:

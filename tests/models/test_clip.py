@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from diffgeo_jax.models import clip, config_utils, convert
+from tests import report
 
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, projection_dim=24,
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
@@ -128,8 +129,8 @@ def test_matches_torch(case, projection, length, padded):
     assert out.text_embeds is None
     ref_pooled = ref.pooled
   errs['pooled'] = assert_close('pooled', out.pooled, ref_pooled)
-  print(f'\n[clip fp32 {case.key} {"projection" if projection else "plain"} L={length} '
-        f'padded={padded}] max abs err: ' + ', '.join(f'{k}={v:.2e}' for k, v in errs.items()))
+  report.record(f'clip fp32 {case.key} {"projection" if projection else "plain"} L={length} '
+                f'padded={padded} max abs err', ', '.join(f'{k}={v:.2e}' for k, v in errs.items()))
 
 
 def test_jit_matches_eager(case):
@@ -219,8 +220,8 @@ def test_bf16(case):
     ours, theirs = getattr(out, name), np.asarray(getattr(ref, name))
     errs[name] = (max_err(ours, theirs), float(np.abs(theirs).max()))
     assert_close(f'bf16 {name}', ours, theirs, rel=5e-2)
-  print(f'\n[clip bf16 vs fp32 {case.key}] max abs err (output scale): '
-        + ', '.join(f'{k}={e:.2e} ({m:.2f})' for k, (e, m) in errs.items()))
+  report.record(f'clip bf16 vs fp32 {case.key} max abs err (output scale)',
+                ', '.join(f'{k}={e:.2e} ({m:.2f})' for k, (e, m) in errs.items()))
 
 
 # --- config ---------------------------------------------------------------------------------------

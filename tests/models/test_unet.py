@@ -10,6 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 from diffgeo_jax.models import unet
+from tests import report
 from tests.models import oracles
 
 
@@ -30,7 +31,8 @@ class UNetParityTest(chex.TestCase):
     err_eps, scale = oracles.assert_close_to_reference(eps, ref_eps, what=f'{name} eps')
     err_h, _ = oracles.assert_close_to_reference(h, ref_h, what=f'{name} h-space')
     chex.assert_trees_all_close(h_only, h, atol=1e-6)
-    print(f'[unet parity] {name}: eps max err {err_eps:.2e} (scale {scale:.2f}), h err {err_h:.2e}')
+    report.record(f'unet {name} {self.variant.type} eps max abs err (scale {scale:.2f})', err_eps)
+    report.record(f'unet {name} {self.variant.type} h-space max abs err', err_h)
 
   def test_call_equals_with_hspace(self):
     model, params = oracles.flax_unet('sd1')
@@ -74,7 +76,9 @@ class HSpaceDerivativeTest(chex.TestCase):
       # <u, J v> by finite differences == <J^T u, v> by reverse mode.
       lhs, rhs = float(jnp.vdot(u, fd)), float(jnp.vdot(jtu, v))
       assert abs(lhs - rhs) <= 1e-6 * abs(lhs), (lhs, rhs)
-      print(f'[unet AD] jvp rel err {jv_err:.1e}; <u,Jv> fd {lhs:.6f} vs vjp {rhs:.6f}')
+      report.record('unet h-space jvp vs finite differences, relative err (float64)', jv_err)
+      report.record('unet h-space <u, Jv> by finite differences vs <J^T u, v> by vjp',
+                    f'{lhs:.8f} vs {rhs:.8f}')
 
 
 class BFloat16Test(chex.TestCase):
@@ -88,8 +92,7 @@ class BFloat16Test(chex.TestCase):
     self.assertEqual(out.dtype, jnp.float32)  # output in the input's dtype
     err = float(jnp.max(jnp.abs(out - ref)))
     scale = float(jnp.max(jnp.abs(ref)))
-    print(f'[unet bf16] max abs error vs float32: {err:.3e} (output scale {scale:.2f}, '
-          f'relative {err / scale:.2e})')
+    report.record(f'unet bf16 activations: max abs err vs float32 (output scale {scale:.2f})', err)
     assert np.isfinite(err) and err < 0.1 * scale
 
 

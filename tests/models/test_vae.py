@@ -10,6 +10,7 @@ import torch
 from absl.testing import parameterized
 
 from diffgeo_jax.models import convert, vae
+from tests import report
 from tests.models import oracles
 
 
@@ -32,7 +33,8 @@ class VAEParityTest(chex.TestCase):
     e2, _ = oracles.assert_close_to_reference(post.logvar, oracles.nhwc(ref_post.logvar),
                                               what='logvar')
     e3, _ = oracles.assert_close_to_reference(dec, ref_dec, what='decode')
-    print(f'[vae parity] mean {e1:.1e} logvar {e2:.1e} decode {e3:.1e}')
+    report.record(f'vae {self.variant.type} max abs err', f'mean {e1:.2e}, logvar {e2:.2e}, '
+                  f'decode {e3:.2e}')
 
   def test_forward_is_decode_of_mode_and_sample_uses_key(self):
     model, params = oracles.flax_vae()

@@ -1,0 +1,1 @@
+"""Diffusion core: noise schedules, pure-function samplers, guidance, pipelines."""
