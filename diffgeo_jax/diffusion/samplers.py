@@ -37,6 +37,15 @@ class Trajectory:
   t: jax.Array  # (num_steps,) float32
 
 
+def _table(s: NoiseSchedule) -> np.ndarray:
+  """alpha_bar as numpy: timestep grids are laid out at trace time, so the schedule must be a
+  constant of the traced function (closed over), not one of its traced arguments."""
+  if isinstance(s.alphas_cumprod, jax.core.Tracer):
+    raise ValueError('the NoiseSchedule is a traced value: close over it instead of passing it '
+                     'as an argument of jit/vmap (its timestep grid is built at trace time)')
+  return np.asarray(s.alphas_cumprod, np.float32)
+
+
 def _check_x(x_T, name='x_T'):
   if not hasattr(x_T, 'shape') or x_T.ndim < 1:
     raise ValueError(f'{name} must be an array of shape (B, ...), got {type(x_T).__name__}')
@@ -84,7 +93,7 @@ def ddim_step(s: NoiseSchedule, model_output, x_t, t, alpha_prev, eta=0.0, noise
 def _ddim_grid(s: NoiseSchedule, num_steps: int):
   ts = s.inference_timesteps(num_steps)
   prev = ts - s.num_train_timesteps // num_steps
-  ac = np.asarray(s.alphas_cumprod)
+  ac = _table(s)
   alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], float(s.final_alpha_cumprod))
   return ts, alpha_prev.astype(np.float32)
 
@@ -148,7 +157,7 @@ def ddpm(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, key, return_traje
   each step goes to the next timestep of the list (the last to alpha_bar = 1), no noise at t = 0."""
   _check_x(x_T)
   ts = s.inference_timesteps(num_steps)
-  ac = np.asarray(s.alphas_cumprod)
+  ac = _table(s)
   prev = np.append(ts[1:], -1)
   alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], 1.0).astype(np.float32)
   noises = _noise(key, num_steps, x_T.shape, x_T.dtype)
@@ -167,7 +176,9 @@ def ddpm(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, key, return_traje
 
 def _interp_sigmas(s: NoiseSchedule, ts: np.ndarray) -> np.ndarray:
   """sigma(t) interpolated linearly in t (diffusers), then sigma = 0 appended for the last step."""
-  sig = np.asarray(s.sigmas, np.float32)
+  # numpy from the table (not `s.sigmas`, a jnp expression) so grids build inside jit too.
+  ab = np.maximum(_table(s), np.float32(2.0 ** -24))
+  sig = np.sqrt((1 - ab) / ab)
   return np.append(np.interp(ts, np.arange(len(sig)), sig), 0.0).astype(np.float32)
 
 

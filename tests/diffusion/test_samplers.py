@@ -169,6 +169,17 @@ class ErrorsTest(parameterized.TestCase):
     with pytest.raises(ValueError, match='num_steps=101 is larger than .* num_train_timesteps=100'):
       samplers.ddim(lambda x, t: x, jnp.zeros((1, 2)), s, 101)
 
+  @parameterized.parameters('ddim', 'ddpm', 'euler', 'dpmpp_2m')
+  def test_jit_with_closed_over_schedule_and_clear_error_for_traced_one(self, name):
+    s = schedules.scaled_linear()
+    f = lambda x, t: 0.1 * x
+    run = jax.jit(lambda x: samplers.sample(name, f, x, s, 10, key=jax.random.key(0)))
+    eager = samplers.sample(name, f, jnp.ones((1, 3)), s, 10, key=jax.random.key(0))
+    chex.assert_trees_all_close(run(jnp.ones((1, 3))), eager, atol=1e-6)
+    with pytest.raises(ValueError, match='close over it'):
+      jax.jit(lambda sched, x: samplers.sample(name, f, x, sched, 10, key=jax.random.key(0)))(
+          s, jnp.ones((1, 3)))
+
   def test_stochastic_sampler_needs_key(self):
     with pytest.raises(ValueError, match='key'):
       samplers.ddpm(lambda x, t: x, jnp.zeros((1, 2)), schedules.linear(100), 10, key=None)

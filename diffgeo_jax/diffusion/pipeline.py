@@ -1,0 +1,306 @@
+"""Text-to-image and image-to-image (SDEdit) over a loaded `models.Pipeline`, as diffusers does.
+
+    pipe = models.load_pipeline(dir)
+    images = pipeline.text_to_image(pipe, ['a red digit'], jax.random.key(0), num_steps=50)
+    edited = pipeline.image_to_image(pipe, images, ['a blue digit'], jax.random.key(1),
+                                     strength=0.6)
+
+Images are float32 NHWC in [0, 1]. A latent pipeline samples in the VAE's latent space
+(`latents * vae.config.scaling_factor`); a pixel-space pipeline (`pipe.vae is None`) samples the
+pixels themselves in [-1, 1]. The sampler loop and the decoder are one jit-compiled function per
+(shapes, sampler, num_steps, first_step, eta, model), with the parameters as arguments, so a
+large model is not baked into the executable as constants.
+
+Guidance: classifier-free guidance runs unless `guidance_scale == 1` (then the model sees only the
+prompt: the same result at half the cost). diffusers skips guidance for every scale <= 1; here a
+scale below 1 is honoured (0 gives the unconditional model).
+
+Several devices: the batch is sharded over the `data` axis of a one-axis `Mesh` and the
+parameters are replicated (`replicate(pipe)` does that once, instead of a copy per call). A batch
+that does not divide the device count is PADDED (with copies of its last sample) and the padding
+is dropped from the result; deterministic samplers give the unpadded answer, stochastic ones
+(ddpm, ddim with eta > 0) draw their step noise for the padded shape. The VAE encoder of
+`image_to_image` runs unsharded (one call, no loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffgeo_jax.diffusion import guidance, samplers, schedules
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+def _prompt_list(prompts, name: str) -> list[str]:
+  if isinstance(prompts, str):
+    return [prompts]
+  if (isinstance(prompts, Sequence) and len(prompts) > 0
+      and all(isinstance(p, str) for p in prompts)):
+    return list(prompts)
+  raise ValueError(f'{name} must be a str or a non-empty list of str, got {prompts!r}')
+
+
+def _negative_list(negative_prompts, n: int) -> list[str]:
+  if negative_prompts is None:
+    return [''] * n  # the unconditional embedding is that of the empty prompt
+  if isinstance(negative_prompts, str):
+    return [negative_prompts] * n
+  negs = _prompt_list(negative_prompts, 'negative_prompts')
+  if len(negs) != n:
+    raise ValueError(f'negative_prompts must have one entry per prompt ({n}), got {len(negs)}')
+  return negs
+
+
+def _check_supported(pipe) -> None:
+  if pipe.text_encoder_2 is not None or pipe.unet.config.addition_embed_type is not None:
+    raise NotImplementedError('SDXL-style pipelines (text_encoder_2, added time ids) are not '
+                              'supported by diffusion.pipeline yet')
+
+
+def latent_factor(pipe) -> int:
+  """Image pixels per latent pixel: 2**(len(vae block_out_channels) - 1), 1 without a VAE."""
+  return 1 if pipe.vae is None else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def default_image_size(pipe) -> tuple[int, int]:
+  """(height, width): the UNet's `sample_size` times `latent_factor`, as diffusers."""
+  size = pipe.unet.config.sample_size
+  if size is None:
+    raise ValueError('the UNet config has no sample_size: pass height and width')
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
+  f = latent_factor(pipe)
+  return h * f, w * f
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+def max_prompt_tokens(pipe) -> int:
+  """Token sequence length: the tokenizer's model_max_length capped by the text encoder's
+  position table (a tokenizer saved without a limit reports a huge model_max_length)."""
+  return int(min(pipe.tokenizer.model_max_length,
+                 pipe.text_encoder.config.max_position_embeddings))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_hidden(text_encoder, params, ids):
+  return text_encoder.apply({'params': params}, ids, output_hidden_states=False).last_hidden_state
+
+
+def encode_prompts(pipe, prompts) -> jax.Array:
+  """(B, L, D) text-encoder hidden states for `prompts`, padded to `max_prompt_tokens(pipe)`.
+
+  A prompt longer than that is cut (BOS + the first L-2 tokens + EOS, as diffusers) with a warning
+  that names it and how many tokens were dropped."""
+  prompts = _prompt_list(prompts, 'prompts')
+  limit = max_prompt_tokens(pipe)
+  lengths = [len(ids) for ids in pipe.tokenizer(prompts).input_ids]
+  for prompt, n in zip(prompts, lengths):
+    if n > limit:
+      warnings.warn(f'prompt {prompt!r} has {n} tokens, more than the text encoder\'s {limit}: '
+                    f'the last {n - limit} tokens were dropped', stacklevel=2)
+  ids = pipe.tokenizer(prompts, padding='max_length', max_length=limit, truncation=True,
+                       return_tensors='np').input_ids
+  return _text_hidden(pipe.text_encoder, pipe.text_encoder_params, jnp.asarray(ids, jnp.int32))
+
+
+# -- sharding --------------------------------------------------------------------------------------
+
+def _mesh() -> Mesh | None:
+  devices = jax.devices()
+  return Mesh(np.asarray(devices), ('data',)) if len(devices) > 1 else None
+
+
+def _shard_batch(mesh: Mesh | None, arrays: dict[str, Any]) -> dict[str, Any]:
+  """Pads each (B, ...) array to a multiple of the device count and shards it over `data`."""
+  if mesh is None:
+    return arrays
+  n = mesh.devices.size
+  out = {}
+  for name, a in arrays.items():
+    if a is None:
+      out[name] = None
+      continue
+    pad = -a.shape[0] % n
+    if pad:
+      a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
+    out[name] = jax.device_put(a, NamedSharding(mesh, PartitionSpec('data')))
+  return out
+
+
+def _replicate(mesh: Mesh | None, tree):
+  # A no-op for arrays already replicated (see `replicate`); otherwise a copy to every device.
+  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def replicate(pipe):
+  """`pipe` with its parameters replicated over all devices, once: otherwise every call copies
+  them from where they were loaded. The same `pipe` on a single device."""
+  mesh = _mesh()
+  if mesh is None:
+    return pipe
+  names = ('unet_params', 'vae_params', 'text_encoder_params')
+  return dataclasses.replace(pipe, **{k: _replicate(mesh, getattr(pipe, k)) for k in names})
+
+
+# -- the compiled part -----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _schedule(config_json: str) -> schedules.NoiseSchedule:
+  return schedules.from_diffusers_config(json.loads(config_json))
+
+
+def _to_images(vae, vae_params, x0):
+  """Model-space samples -> images in [0, 1] (diffusers' postprocess: x / 2 + 0.5, clipped)."""
+  if vae is not None:
+    x0 = vae.apply({'params': vae_params}, x0 / vae.config.scaling_factor, method='decode')
+  return jnp.clip(x0 / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
+               return_trajectory):
+  """The jitted sampler + decoder for these static settings (jax.jit adds one cache per shape)."""
+  # Built outside the trace: samplers read the schedule with numpy to lay out their grids.
+  s = _schedule(schedule_json)
+
+  def generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key):
+    model_fn = lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
+    if guided:
+      eps_fn = guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale if rescaled else 0.0)
+    else:
+      eps_fn = lambda x, t: model_fn(x, t, cond)
+    out = samplers.sample(sampler, eps_fn, x_start, s, num_steps, key=key, eta=eta,
+                          return_trajectory=return_trajectory, first_step=first_step)
+    x0, traj = out if return_trajectory else (out, None)
+    return _to_images(vae, vae_params, x0), traj
+
+  return jax.jit(generate)
+
+
+@functools.partial(jax.jit, static_argnames=('vae',))
+def _encode_images(vae, vae_params, images, key):
+  x = 2 * images - 1
+  if vae is None:
+    return x
+  post = vae.apply({'params': vae_params}, x, method='encode')
+  return post.sample(key) * vae.config.scaling_factor
+
+
+def _run(pipe, prompts, negatives, x_start, key, *, first_step, num_steps, guidance_scale,
+         sampler, eta, guidance_rescale, return_trajectory):
+  """Encodes the prompts, places everything on the mesh, samples, decodes, unpads."""
+  n = len(prompts)
+  guided = guidance_scale != 1
+  cond = encode_prompts(pipe, prompts)
+  uncond = encode_prompts(pipe, negatives) if guided else None
+  mesh = _mesh()
+  batch = _shard_batch(mesh, {'x': x_start, 'cond': cond, 'uncond': uncond})
+  unet_params, vae_params = _replicate(mesh, (pipe.unet_params, pipe.vae_params))
+  generate = _generator(pipe.unet, pipe.vae, json.dumps(pipe.scheduler_config, sort_keys=True),
+                        sampler, num_steps, first_step, float(eta), guided,
+                        guided and guidance_rescale != 0, return_trajectory)
+  images, traj = generate(unet_params, vae_params, batch['x'], batch['cond'], batch['uncond'],
+                          jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key)
+  images = images[:n]
+  if not return_trajectory:
+    return images
+  return images, traj.replace(x_t=traj.x_t[:, :n], pred_x0=traj.pred_x0[:, :n])
+
+
+def _check_common(sampler, guidance_rescale):
+  if sampler not in samplers.SAMPLERS:
+    raise ValueError(f'unknown sampler {sampler!r}; supported: {sorted(samplers.SAMPLERS)}')
+  if not 0 <= guidance_rescale <= 1:
+    raise ValueError(f'guidance_rescale must be in [0, 1], got {guidance_rescale}')
+
+
+# -- public API ------------------------------------------------------------------------------------
+
+def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float = 7.5,
+                  negative_prompts=None, sampler: str = 'ddim', eta: float = 0.0,
+                  height: int | None = None, width: int | None = None,
+                  guidance_rescale: float = 0.0, return_trajectory: bool = False, latents=None):
+  """Images (B, H, W, C) in [0, 1], one per prompt; with `return_trajectory` also the sampler's
+  `Trajectory` (in model space: latents for a latent pipeline).
+
+  `key` draws the initial noise x_T (unless `latents` gives it: unit Gaussian of shape
+  (B, H/f, W/f, unet in_channels), f = `latent_factor(pipe)`) and the step noise of stochastic
+  samplers. `negative_prompts`: None (the empty prompt), a str for all, or one per prompt."""
+  _check_supported(pipe)
+  _check_common(sampler, guidance_rescale)
+  prompts = _prompt_list(prompts, 'prompts')
+  negatives = _negative_list(negative_prompts, len(prompts))
+  dh, dw = default_image_size(pipe) if height is None or width is None else (0, 0)
+  height, width = height or dh, width or dw
+  f = latent_factor(pipe)
+  if height % f or width % f:
+    raise ValueError(f'height and width must be multiples of {f}, got {height}x{width}')
+  shape = (len(prompts), height // f, width // f, pipe.unet.config.in_channels)
+  key_x, key_steps = jax.random.split(key)
+  if latents is None:
+    latents = jax.random.normal(key_x, shape, jnp.float32)
+  elif tuple(latents.shape) != shape:
+    raise ValueError(f'latents must have shape {shape} (B, H/{f}, W/{f}, C), got {latents.shape}')
+  return _run(pipe, prompts, negatives, jnp.asarray(latents, jnp.float32), key_steps,
+              first_step=0, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
+              eta=eta, guidance_rescale=guidance_rescale, return_trajectory=return_trajectory)
+
+
+def start_step(num_steps: int, strength: float) -> int:
+  """The first grid step of image-to-image, as diffusers' img2img `get_timesteps`."""
+  if not 0 < strength <= 1:
+    raise ValueError(f'strength must be in (0, 1], got {strength}')
+  init = min(int(num_steps * strength), num_steps)
+  if init == 0:
+    raise ValueError(f'strength={strength} with num_steps={num_steps} leaves no step to run: '
+                     f'raise one of them (num_steps * strength >= 1)')
+  return num_steps - init
+
+
+def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps: int = 50,
+                   guidance_scale: float = 7.5, negative_prompts=None, sampler: str = 'ddim',
+                   eta: float = 0.0, guidance_rescale: float = 0.0,
+                   return_trajectory: bool = False, noise=None):
+  """SDEdit (arXiv 2108.01073): noise `images` (B, H, W, C) in [0, 1] to the grid timestep
+  `start_step(num_steps, strength)` and run the sampler from there; strength 1 starts from the
+  first timestep (almost pure noise). `key` splits into (posterior sample, noise, step noise);
+  `noise` (model-space shape) replaces the drawn noise."""
+  _check_supported(pipe)
+  _check_common(sampler, guidance_rescale)
+  prompts = _prompt_list(prompts, 'prompts')
+  negatives = _negative_list(negative_prompts, len(prompts))
+  first_step = start_step(num_steps, strength)
+  images = jnp.asarray(images, jnp.float32)
+  channels = pipe.unet.config.in_channels if pipe.vae is None else pipe.vae.config.in_channels
+  f = latent_factor(pipe)
+  if images.ndim != 4 or images.shape[-1] != channels:
+    raise ValueError(f'images must be (B, H, W, {channels}) NHWC in [0, 1], got shape '
+                     f'{images.shape}')
+  if images.shape[0] != len(prompts):
+    raise ValueError(f'images has batch size {images.shape[0]} but there are {len(prompts)} '
+                     'prompts: pass one image per prompt')
+  if images.shape[1] % f or images.shape[2] % f:
+    raise ValueError(f'images spatial size {images.shape[1:3]} must be a multiple of {f}')
+  key_post, key_noise, key_steps = jax.random.split(key, 3)
+  x0 = _encode_images(pipe.vae, pipe.vae_params, images, key_post)
+  if noise is None:
+    noise = jax.random.normal(key_noise, x0.shape, x0.dtype)
+  elif tuple(noise.shape) != x0.shape:
+    raise ValueError(f'noise must have shape {x0.shape}, got {noise.shape}')
+  s = _schedule(json.dumps(pipe.scheduler_config, sort_keys=True))
+  t_start = samplers.timesteps(sampler, s, num_steps)[first_step]
+  x_start = s.add_noise(x0, jnp.asarray(noise, jnp.float32), t_start)
+  return _run(pipe, prompts, negatives, x_start, key_steps, first_step=first_step,
+              num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+              guidance_rescale=guidance_rescale, return_trajectory=return_trajectory)
