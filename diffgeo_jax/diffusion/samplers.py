@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffgeo_jax.diffusion.schedules import NoiseSchedule, _per_sample, check_num_steps
+from diffgeo_jax.diffusion.schedules import NoiseSchedule, check_num_steps
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -6,7 +6,6 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from absl.testing import parameterized
 
 from diffgeo_jax.diffusion import schedules
