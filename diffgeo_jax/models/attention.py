@@ -24,9 +24,9 @@ def check_attention_impl(impl: str) -> None:
 
 # Above this many attention scores (B * H * Lq * Lk) per call, queries are processed in chunks.
 # The full score tensor (SD-1.5 at 64x64: 8 heads x 4096^2 = 134M floats) would make several
-# round trips through main memory; chunks of <= 2^20 scores stay in cache. Measured on 2 CPU cores
+# round trips through main memory; chunks of <= 2^21 scores stay in cache. Measured on 2 CPU cores
 # (BENCHMARKS.md): the UNet forward gets 1.2-3x faster. Same maths, any AD mode.
-MAX_SCORES_PER_CHUNK = 2 ** 20
+MAX_SCORES_PER_CHUNK = 2 ** 21
 
 
 def _softmax_attention(q, k, v, scale, mask, upcast):
