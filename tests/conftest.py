@@ -23,6 +23,20 @@ def diffusers_pipeline_dir(tmp_path_factory):
   return path / 'sd'
 
 
+@pytest.fixture(scope='session')
+def tiny_digits_pipeline_dir(tmp_path_factory):
+  """A digits pipeline folder exactly as launch/train_t2i.py exports it, with the 'tiny' config's
+  random initial weights (no training)."""
+  from configs.digits import t2i
+  from diffgeo_jax import models
+  from launch import train_t2i
+  path = tmp_path_factory.mktemp('digits')
+  job = train_t2i.Job(t2i.get_config('tiny'), str(path / 'work'))
+  params = job.init_fn(jax.random.key(0))
+  models.save_pipeline(path / 'pipeline', job.pipeline(params))
+  return path / 'pipeline'
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
   outcome = yield

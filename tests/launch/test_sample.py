@@ -23,6 +23,7 @@ def test_sample_writes_grid_npz_and_results(tmp_path, diffusers_pipeline_dir):
        f'--config.pipeline_dir={diffusers_pipeline_dir}', f'--config.prompts={prompts!r}',
        f'--config.seeds={seeds!r}', '--config.num_steps=3', '--config.guidance_scale=3.0',
        '--config.batch_size=3',  # 4 images: a full batch and a padded one
+       '--config.prompts_per_row=1', '--config.grid_scale=1',
        f'--workdir={tmp_path}'],
       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
       cwd=ROOT)
@@ -60,12 +61,44 @@ def test_sample_writes_grid_npz_and_results(tmp_path, diffusers_pipeline_dir):
   assert np.abs(tile.astype(int) - np.round(images[3] * 255)).max() <= 1
 
 
-def test_sample_without_pipeline_dir_fails_clearly(tmp_path):
+def test_missing_pipeline_dir_fails_naming_the_file(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'sample.py'),
+       f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
+       f'--config.pipeline_dir={tmp_path / "nowhere"}', f'--workdir={tmp_path}'],
+      capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      cwd=ROOT)
+  assert proc.returncode != 0
+  assert str(tmp_path / 'nowhere' / 'model_index.json') in proc.stderr
+
+
+def test_unknown_word_for_the_digits_model_names_the_vocabulary(tmp_path, tiny_digits_pipeline_dir):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'sample.py'),
+       f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
+       f'--config.pipeline_dir={tiny_digits_pipeline_dir}',
+       "--config.prompts=('a red digit three', 'a purple digit three')", f'--workdir={tmp_path}'],
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      cwd=ROOT)
+  assert proc.returncode != 0
+  assert "words outside the digits vocabulary: ['purple']" in proc.stderr
+  assert "Colours: ['red', 'green', 'blue', 'yellow', 'white']" in proc.stderr
+
+
+def test_default_config_is_every_digit_in_every_colour_on_the_shipped_model(tmp_path):
+  from diffgeo_jax.digits import dataset
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch', 'sample.py'),
        f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
        f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
       cwd=ROOT)
-  assert proc.returncode != 0
-  assert 'config.pipeline_dir is empty' in proc.stderr
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = np.load(tmp_path / 'samples.npz')
+  want = [dataset.caption(d, c) for d in range(10) for c in range(len(dataset.COLOURS))]
+  assert list(out['prompts']) == want
+  assert out['images'].shape == (50, 16, 16, 3)
+  png = np.asarray(Image.open(tmp_path / 'samples.png'))
+  assert png.shape == (10 * 32, 5 * 32, 3)  # a row per digit, a column per colour, scale 2
+  tile = png[3 * 32:4 * 32:2, 2 * 32:3 * 32:2]  # 'a blue digit three'
+  assert np.abs(tile.astype(int) - np.round(out['images'][3 * 5 + 2] * 255)).max() <= 1

@@ -1,0 +1,1 @@
+"""Training: LoRA, losses, sharding, the trainer, and TensorBoard-readable summaries."""

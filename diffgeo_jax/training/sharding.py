@@ -1,0 +1,111 @@
+"""Device mesh, sharding rules and multi-host start-up for training.
+
+One `Mesh` with named axes `data` (batch) and `model` (parameter sharding). Parameters, optimizer
+state and EMA get `NamedSharding`s from rules: a list of `(regex, spec)` matched against the
+'/'-joined path of each leaf (first match wins, default replicated). Because the optimizer's moments
+have the parameter paths inside their own paths, one rule shards a parameter and its moments alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Spec = PartitionSpec | Callable[[tuple[int, ...]], PartitionSpec]
+Rules = Sequence[tuple[str, Spec]]
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, model) mesh over `devices` (default: all). `data=-1` takes what `model` leaves."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f'model={model} must be >= 1 and divide the number of devices ({n})')
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f'data * model = {data} * {model} must equal the number of devices ({n})')
+  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+
+
+def path_str(path) -> str:
+  """'/'-joined keys of a `jax.tree_util` key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for entry in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return '/'.join(parts)
+
+
+def fsdp(axis: str = 'model', axis_size: int | None = None, min_size: int = 2 ** 14) -> Callable:
+  """A rule spec for FSDP-style sharding: split the largest dimension that `axis_size` divides.
+
+  Leaves smaller than `min_size` elements stay replicated (sharding them costs more than it saves)."""
+  def spec(shape: tuple[int, ...]) -> PartitionSpec:
+    if axis_size is None or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % axis_size == 0:
+        return PartitionSpec(*([None] * dim + [axis]))
+    return PartitionSpec()
+  return spec
+
+
+def leaf_spec(path: str, shape: tuple[int, ...], rules: Rules) -> PartitionSpec:
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      spec = spec(shape) if callable(spec) else spec
+      if len(spec) > len(shape):
+        raise ValueError(f'rule {pattern!r} gives {spec} for {path!r}, which has only '
+                         f'{len(shape)} dimensions {shape}')
+      return spec
+  return PartitionSpec()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = ()) -> Any:
+  """`NamedSharding` per leaf of `tree` (arrays or ShapeDtypeStructs) from `rules`."""
+  def one(path, leaf):
+    return NamedSharding(mesh, leaf_spec(path_str(path), tuple(np.shape(leaf)), rules))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `data`, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+  """This process's part of a global batch -> global arrays sharded over `data`.
+
+  Each process passes its own rows (on one host: the whole batch); the leading dimension must split
+  evenly over the process's data-parallel devices."""
+  sharding = batch_sharding(mesh)
+  local = mesh.devices.shape[0] // jax.process_count()
+
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % max(local, 1):
+      raise ValueError(f'batch arrays need a leading dimension divisible by the {local} local '
+                       f'data-parallel devices, got shape {x.shape}')
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(one, batch)
+
+
+def initialize_distributed(enabled: bool) -> None:
+  """`jax.distributed.initialize()` for multi-host runs (Cloud TPU pods find their peers from the
+  environment); a no-op when `enabled` is False."""
+  if enabled:
+    jax.distributed.initialize()

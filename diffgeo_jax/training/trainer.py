@@ -1,0 +1,298 @@
+"""The training loop every training binary shares.
+
+One jit-compiled step with explicit shardings over a `Mesh`; optax (AdamW, warmup + cosine, gradient
+clipping) and an EMA of the parameters; orbax `CheckpointManager` (keeps the last N, async where
+available, resumes from the latest automatically); console progress (step, loss, steps/s, ETA);
+TensorBoard scalars; `config.json` in the workdir, refused on resume if the model or data changed.
+
+Runs are exactly reproducible and therefore exactly resumable: the batch of step i is
+`batch_fn(i)` and its key is `fold_in(key, i)`, so a run killed and resumed computes the same
+updates as one that never stopped.
+
+A training job supplies `loss_fn(params, batch, key) -> (loss, metrics)`, `init_fn(key) -> params`
+and `batch_fn(step) -> dict of numpy arrays` (this process's rows of the global batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from diffgeo_jax.training import sharding, summary
+
+# Fields that may change between a run and its resumption (how long and how it reports, not what
+# it learns). A longer num_steps stretches a cosine schedule from the resumed step on.
+RESUMABLE_FIELDS = ('train.num_steps', 'train.log_every', 'train.checkpoint_every',
+                    'train.keep_checkpoints', 'train.async_checkpoints', 'jax_distributed',
+                    'export_dir', 'eval')
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # number of updates applied
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """The `train` section every training config carries (override fields as needed)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.batch_size = 64  # global batch
+  c.learning_rate = 1e-3
+  c.end_learning_rate = 1e-5
+  c.warmup_steps = 100
+  c.schedule = 'cosine'  # cosine (after warmup) or constant
+  c.weight_decay = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.grad_clip = 1.0  # global-norm clipping; 0 disables
+  c.ema_decay = 0.999  # 0 disables the EMA (ema_params then track params)
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.async_checkpoints = True
+  return c
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if c.schedule == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps,
+                                            max(c.num_steps, c.warmup_steps + 1),
+                                            c.end_learning_rate)
+  elif c.schedule == 'constant':
+    lr = optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps),
+                               optax.constant_schedule(c.learning_rate)], [c.warmup_steps])
+  else:
+    raise ValueError(f'train.schedule must be cosine or constant, got {c.schedule!r}')
+  parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip else []
+  parts.append(optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  return optax.chain(*parts)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """EMA decay with a warm-up, so early averages are not dominated by the random initialisation."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float):
+  """`step(state, batch, key) -> (state, metrics)`, pure (jit it with shardings)."""
+  def step(state: TrainState, batch: Any, key: jax.Array):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay:
+      d = ema_decay_at(ema_decay, state.step)
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    else:
+      ema = params
+    metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+  return step
+
+
+def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
+  """Dotted-path view of a (nested) config dict, with tuples as lists (JSON round trip)."""
+  items = config.to_dict() if hasattr(config, 'to_dict') else config
+  out = {}
+  for k, v in items.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = json.loads(json.dumps(v))
+  return out
+
+
+def config_differences(saved: Mapping, given: Mapping, ignore=RESUMABLE_FIELDS) -> list[str]:
+  """'field: saved -> given' for every field that differs, except `ignore`d ones (and below)."""
+  a, b = flatten(saved), flatten(given)
+  skip = lambda k: any(k == f or k.startswith(f + '.') for f in ignore)
+  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+          for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _quiet_orbax() -> None:
+  """Orbax logs every save phase at INFO through absl; keep its warnings (>= 30), drop the rest."""
+  logger = logging.get_absl_logger()
+  if not any(getattr(f, 'is_orbax_filter', False) for f in logger.filters):
+    def drop(record):
+      return record.levelno >= 30 or '/orbax/' not in record.pathname
+    drop.is_orbax_filter = True
+    logger.addFilter(drop)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Runs `config.train.num_steps` updates in `workdir`, resuming from its latest checkpoint."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  init_fn: Callable[[jax.Array], Any]
+  loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+  batch_fn: Callable[[int], Any]
+  mesh: jax.sharding.Mesh | None = None
+  rules: sharding.Rules = ()
+
+  def __post_init__(self):
+    self.c = self.config.train
+    self.mesh = self.mesh or sharding.make_mesh()
+    if self.c.batch_size % self.mesh.devices.shape[0]:
+      raise ValueError(f'train.batch_size={self.c.batch_size} must be divisible by the data axis '
+                       f'of the mesh ({self.mesh.devices.shape[0]} devices)')
+    self.tx = make_optimizer(self.c)
+    self.is_main = jax.process_index() == 0
+    self.ckpt_dir = os.path.join(os.path.abspath(self.workdir), 'checkpoints')
+
+  # -- state ---------------------------------------------------------------------------------------
+
+  def _init_state(self, key: jax.Array) -> TrainState:
+    params = self.init_fn(key)
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), params)
+
+  def state_shardings(self) -> Any:
+    abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+    return sharding.tree_shardings(abstract, self.mesh, self.rules)
+
+  def compiled_step(self):
+    shardings = self.state_shardings()
+    step = make_train_step(self.loss_fn, self.tx, self.c.ema_decay)
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(self.mesh),
+                                       sharding.replicated(self.mesh)),
+                   out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+  def _check_config(self, manager: ocp.CheckpointManager) -> None:
+    path = os.path.join(self.workdir, 'config.json')
+    if manager.latest_step() is not None and os.path.exists(path):
+      with open(path) as f:
+        saved = json.load(f)
+      diffs = config_differences(saved, self.config.to_dict())
+      if diffs:
+        raise ValueError(f'--workdir {self.workdir} holds checkpoints of a run with a different '
+                         'config; use a new workdir, or restore the config. Differing fields '
+                         '(saved -> given):\n  ' + '\n  '.join(diffs))
+    if self.is_main:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(path, 'w') as f:
+        json.dump(json.loads(self.config.to_json_best_effort()), f, indent=2, sort_keys=True)
+
+  def manager(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.c.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=self.c.async_checkpoints)
+    return ocp.CheckpointManager(self.ckpt_dir, options=options)
+
+  def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> TrainState:
+    """The checkpoint at `step` (default latest), placed with this trainer's shardings."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, self.state_shardings())
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  # -- the loop ------------------------------------------------------------------------------------
+
+  def run(self) -> tuple[TrainState, dict]:
+    """Trains to `train.num_steps`; returns the final state and a summary for results.json."""
+    c = self.c
+    _quiet_orbax()
+    manager = self.manager()
+    self._check_config(manager)
+    key = jax.random.key(c.seed)
+    init_key, step_key = jax.random.split(key)
+    start = manager.latest_step()
+    if start is None:
+      init = jax.jit(self._init_state, out_shardings=self.state_shardings())
+      state, start = init(init_key), 0
+      logging.info('training from scratch in %s', self.workdir)
+    else:
+      state = self.restore(manager, start)
+      logging.info('resumed from the checkpoint at step %d in %s', start, self.ckpt_dir)
+    step_fn = self.compiled_step()
+    writer = summary.SummaryWriter(os.path.join(self.workdir, 'tensorboard'), enabled=self.is_main)
+    pending: list[tuple[int, dict]] = []  # device metrics not yet read (reading blocks dispatch)
+    history: list[float] = []
+    t0, timed_from = time.time(), None
+    try:
+      for i in range(start, c.num_steps):
+        batch = sharding.put_batch(self.batch_fn(i), self.mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, i))
+        pending.append((i + 1, metrics))
+        done = i + 1
+        save = done % c.checkpoint_every == 0 or done == c.num_steps
+        if done % c.log_every == 0 or save:
+          rows = self._drain(pending)
+          history += [r['loss'] for _, r in rows]
+          now = time.time()
+          if timed_from is None:  # the first interval includes compilation: rate from here on
+            timed_from = (done, now)
+            rate = float('nan')
+          else:
+            rate = (done - timed_from[0]) / max(now - timed_from[1], 1e-9)
+          eta = (c.num_steps - done) / rate if rate == rate and rate > 0 else float('nan')
+          means = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
+          logging.info('step %d/%d  loss %.5f  %.2f steps/s  ETA %s', done, c.num_steps,
+                       means['loss'], rate, _hms(eta))
+          writer.scalars({**{f'train/{k}': v for k, v in means.items()},
+                          'train/steps_per_s': rate}, done)
+          writer.flush()
+        if save:
+          manager.save(done, args=ocp.args.StandardSave(state))
+      manager.wait_until_finished()
+    finally:
+      writer.close()
+      manager.close()
+    wall = time.time() - t0
+    result = {'steps': c.num_steps, 'resumed_from_step': start, 'wall_s': round(wall, 1),
+              'steps_per_s': round((c.num_steps - start) / max(wall, 1e-9), 3),
+              'final_loss': float(np.mean(history[-c.log_every:])) if history else None,
+              'devices': int(self.mesh.devices.size), 'mesh': dict(self.mesh.shape)}
+    return state, result
+
+  @staticmethod
+  def _drain(pending: list) -> list[tuple[int, dict]]:
+    """Reads the pending metrics; stops the run at the first non-finite loss, before anything
+    after it is checkpointed, so the last checkpoint on disk is the last good state."""
+    rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+    pending.clear()
+    for s, r in rows:
+      if not np.isfinite(r['loss']):
+        raise NonFiniteLossError(f'the loss is {r["loss"]} at step {s}; stopping. The last '
+                                 'checkpoint before it is intact: lower the learning rate or '
+                                 'check the batch of that step, then resume.')
+    return rows
+
+
+def write_outputs(workdir: str, result: dict, folder: str | None = None,
+                  export_dir: str = '') -> None:
+  """The end of every training binary: `results.json` in `workdir`, and the exported model
+  `folder` (inside the workdir) copied to `export_dir` when one is given."""
+  if folder and export_dir:
+    shutil.copytree(folder, export_dir, dirs_exist_ok=True)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  logging.info('done: %s', json.dumps(result))
+
+
+def _hms(seconds: float) -> str:
+  if seconds != seconds:
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
