@@ -168,6 +168,11 @@ def _to_images(vae, vae_params, x0):
   return jnp.clip(x0 / 2 + 0.5, 0.0, 1.0)
 
 
+def decode(pipe, x0) -> jax.Array:
+  """Model-space samples (latents, or pixels for a pipeline without VAE) -> images in [0, 1]."""
+  return _to_images(pipe.vae, pipe.vae_params, jnp.asarray(x0))
+
+
 @functools.lru_cache(maxsize=32)
 def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
                return_trajectory):
