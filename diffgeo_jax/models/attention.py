@@ -24,9 +24,16 @@ def check_attention_impl(impl: str) -> None:
 
 # Above this many attention scores (B * H * Lq * Lk) per call, queries are processed in chunks.
 # The full score tensor (SD-1.5 at 64x64: 8 heads x 4096^2 = 134M floats) would make several
-# round trips through main memory; chunks of <= 2^21 scores stay in cache. Measured on 2 CPU cores
-# (BENCHMARKS.md): the UNet forward gets 1.2-3x faster. Same maths, any AD mode.
+# round trips through main memory; chunks of about 2^21 scores stay in cache. Long keys (Lk >= 4096,
+# SD's 64x64 self-attention) get twice the budget: fewer, longer chunks were measurably faster there
+# (BENCHMARKS.md: 2^21 vs 2^22 on 2 CPU cores), while 2^22 slowed the 32x32 (Lk = 1024) case.
+# Same maths, any AD mode.
 MAX_SCORES_PER_CHUNK = 2 ** 21
+
+
+def score_budget(lk: int) -> int:
+  """Scores per query chunk for keys of length `lk` (see MAX_SCORES_PER_CHUNK)."""
+  return MAX_SCORES_PER_CHUNK * (2 if lk >= 4096 else 1)
 
 
 def _softmax_attention(q, k, v, scale, mask, upcast):
@@ -51,12 +58,12 @@ def dot_product_attention(q, k, v, *, scale: float, mask=None, upcast: bool = Tr
   """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D). `mask` (B, 1 or H, Lq, Lk) boolean, True
   = attend. Scores and softmax are computed in float32 when `upcast` (the default, so bf16
   activations keep a stable softmax). Long query sequences are processed in chunks
-  (`MAX_SCORES_PER_CHUNK`) with `lax.map`."""
+  (`score_budget`) with `lax.map`."""
   if impl == 'jax':
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
   check_attention_impl(impl)
   b, lq, h, _ = q.shape
-  chunk = max(1, MAX_SCORES_PER_CHUNK // (b * h * k.shape[1]))
+  chunk = max(1, score_budget(k.shape[1]) // (b * h * k.shape[1]))
   if mask is not None or lq <= chunk:
     return _softmax_attention(q, k, v, scale, mask, upcast)
   n = -(-lq // chunk)

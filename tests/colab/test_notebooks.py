@@ -1,0 +1,109 @@
+"""The Colab notebooks, executed on CPU with small settings, so that none of them silently rots.
+
+Each notebook has one code cell tagged `parameters`; the test keeps its source and appends small
+overrides (so a parameter added later keeps its default), runs every cell with nbclient in a fresh
+kernel (cwd = repository root, JAX_PLATFORMS=cpu), and reads the notebook's own final check from
+its printed output.
+
+Which Python runs the kernel: kernel_name 'python3' is looked up in JUPYTER_PATH, then the user's
+~/.local/share/jupyter/kernels, then sys.prefix, then the system folders, so a user-level
+'python3' spec of some other Python would shadow this venv's. The test therefore writes its own
+spec (`ipykernel.kernelspec.install(prefix=<tmp>)`, whose argv[0] is sys.executable) and gives
+the kernel manager a KernelSpecManager that searches only that folder: the kernel is always the
+interpreter running pytest, with no dependence on environment variables or user files.
+"""
+
+import os
+import re
+import sys
+
+import nbformat
+import pytest
+
+from tests import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COLAB = os.path.join(ROOT, 'colab')
+CELL_TIMEOUT_S = 240  # per cell; the whole latent_geometry run takes ~30 s on 2 CPU cores
+
+
+def _notebook(name: str):
+  return nbformat.read(os.path.join(COLAB, name), as_version=4)
+
+
+def _parameters_cell(nb):
+  tagged = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
+  assert len(tagged) == 1, f'expected one cell tagged "parameters", found {len(tagged)}'
+  assert tagged[0].cell_type == 'code'
+  return tagged[0]
+
+
+def _kernel_manager(tmp_path):
+  from ipykernel import kernelspec
+  from jupyter_client.kernelspec import KernelSpecManager
+  from jupyter_client.manager import AsyncKernelManager
+  prefix = tmp_path / 'kernel'
+  kernelspec.install(kernel_name='python3', prefix=str(prefix))
+  ksm = KernelSpecManager(kernel_dirs=[str(prefix / 'share' / 'jupyter' / 'kernels')])
+  km = AsyncKernelManager(kernel_name='python3', kernel_spec_manager=ksm)
+  assert km.kernel_spec.argv[0] == sys.executable, km.kernel_spec.argv
+  return km
+
+
+def execute(name: str, overrides: str, tmp_path):
+  """Runs notebook `name` with `overrides` appended to its parameters cell; returns it executed."""
+  from nbclient import NotebookClient
+  from nbclient.exceptions import CellExecutionError
+  nb = _notebook(name)
+  cell = _parameters_cell(nb)
+  cell.source = cell.source + '\n\n# tests/colab/test_notebooks.py overrides\n' + overrides
+  client = NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name='python3',
+                          timeout=CELL_TIMEOUT_S, resources={'metadata': {'path': ROOT}})
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  try:
+    client.execute(cwd=ROOT, env=env)
+  except CellExecutionError as e:
+    pytest.fail(f'{name} failed:\n{str(e)[-4000:]}')
+  return nb
+
+
+def _stdout(cell) -> str:
+  return ''.join(o.get('text', '') for o in cell.get('outputs', [])
+                 if o.output_type == 'stream' and o.name == 'stdout')
+
+
+@pytest.mark.parametrize('name', sorted(f for f in os.listdir(COLAB) if f.endswith('.ipynb')))
+def test_saved_notebook_is_clean(name):
+  """Saved without outputs, valid nbformat 4, one `parameters` cell (what the executor needs)."""
+  nb = _notebook(name)
+  nbformat.validate(nb)
+  assert nb.nbformat == 4
+  for c in nb.cells:
+    if c.cell_type == 'code':
+      assert not c.outputs and c.execution_count is None, f'outputs saved in:\n{c.source[:200]}'
+  _parameters_cell(nb)
+
+
+def test_latent_geometry_runs_and_its_basis_is_an_svd(tmp_path):
+  nb = execute('latent_geometry.ipynb', '\n'.join([
+      'SEEDS = (0,)',  # with the two default prompts: two samples
+      'NUM_STEPS = 10',
+      'TIMES = (0.9, 0.3)',
+      'NUM_VECTORS = 2',
+      'NUM_ITERS = 3',
+      'EDIT_GAMMAS = (-0.6, 0.0, 0.6)',
+      'GUIDANCE_STEPS = 2',
+  ]), tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 8, f'expected the notebook\'s plots, got {figures} images'
+  last = _stdout(code[-1])
+  match = re.search(r'J v_1 = sigma_1 u_1: relative error ([-+.\deE]+|nan|inf)', last)
+  assert match, f'the final check did not print its result:\n{last}'
+  err = float(match.group(1))
+  report.record('J v_1 vs sigma_1 u_1 relative error (digits U-Net, CPU)', err)
+  assert err < 1e-4, last
+  # gamma = 0 is no edit: the edit strip's middle column equals the unedited sample.
+  edit_out = next(_stdout(c) for c in code if 'mean |pixel change|' in _stdout(c))
+  zero = re.search(r'gamma \+0\.00: mean \|pixel change\| along v_1 ([\d.]+)', edit_out)
+  assert zero and float(zero.group(1)) < 1e-4, edit_out
