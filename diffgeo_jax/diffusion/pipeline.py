@@ -169,8 +169,13 @@ def _to_images(vae, vae_params, x0):
 
 
 def decode(pipe, x0) -> jax.Array:
-  """Model-space samples (latents, or pixels for a pipeline without VAE) -> images in [0, 1]."""
-  return _to_images(pipe.vae, pipe.vae_params, jnp.asarray(x0))
+  """Model-space samples (..., h, w, C) (latents, or pixels for a pipeline without VAE) -> images
+  (..., H, W, 3) in [0, 1]; any leading axes (e.g. edit strips) are kept."""
+  x0 = jnp.asarray(x0)
+  if x0.ndim < 4:
+    raise ValueError(f'x0 must be (..., B, h, w, C) with at least 4 axes, got shape {x0.shape}')
+  flat = _to_images(pipe.vae, pipe.vae_params, x0.reshape(-1, *x0.shape[-3:]))
+  return flat.reshape(*x0.shape[:-3], *flat.shape[1:])
 
 
 @functools.lru_cache(maxsize=32)

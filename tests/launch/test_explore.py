@@ -78,3 +78,23 @@ def test_saved_basis_is_the_local_basis_of_the_unet_h_space(explored):
   jv = pullback.jvp_rows(h_fn, traj.x_t[k][0], jnp.asarray(b['latent_basis'][0, 0]))
   sigma_u = b['singular_values'][0, 0][:, None, None, None] * b['tangent_basis'][0, 0]
   np.testing.assert_allclose(jv, sigma_u, atol=2e-3 * float(np.abs(sigma_u).max()))
+
+
+def test_runs_on_a_latent_stable_diffusion_folder(tmp_path, diffusers_pipeline_dir):
+  """Any diffusers SD folder (here a tiny one written by diffusers): bases live in latent space,
+  images are decoded by the VAE, no digits classifier is involved."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'explore.py'),
+       f'--config={os.path.join(ROOT, "configs", "explore", "digits.py")}:quick',
+       f'--config.pipeline_dir={diffusers_pipeline_dir}', "--config.prompts=('a red digit',)",
+       '--config.seeds=(0, 1)', f'--workdir={tmp_path}'],
+      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  b = np.load(tmp_path / 'bases.npz')
+  assert b['latent_basis'].shape[3:] == (16, 16, 4)  # the UNet's latent, not pixels
+  r = json.loads((tmp_path / 'results.json').read_text())
+  assert 'digit_kept' not in r['edit']
+  assert r['geodesic_same_prompt'][0] > 0 and np.isnan(r['geodesic_different_prompts'][0])
+  png = np.asarray(Image.open(tmp_path / 'edits.png'))
+  assert png.shape == (2 * 32 * 3, 3 * 32 * 3, 3)  # VAE-decoded 32x32 images, scale 3
