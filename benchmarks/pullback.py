@@ -78,9 +78,9 @@ flags.DEFINE_string('prompt', 'a red digit three', 'digits config: the prompt of
 flags.DEFINE_integer('seed', 0, 'Seed of the random-init U-Nets, x_t, context and initial V.')
 flags.DEFINE_string('out', None, 'If set, also write the report as JSON to this path.')
 flags.DEFINE_integer('attention_chunk_scores', None,
-                     'Diagnostic: set models.attention.MAX_SCORES_PER_CHUNK in ours (default: the '
-                     "library's). Its query chunks are sized for one sample, not for the k/chunk "
-                     'directions vmapped through them.')
+                     'Diagnostic: set models.attention.MAX_SCORES_PER_CHUNK (the forward pass\'s '
+                     "query-chunk budget) in ours (default: the library's). Derivatives use "
+                     'attention.AD_SCORES_PER_CHUNK.')
 flags.DEFINE_enum('worker', None, ['torch', 'jax'], 'Internal: run one framework on --spec.')
 flags.DEFINE_string('spec', None, 'Internal: the worker spec JSON.')
 

@@ -8,6 +8,8 @@ work runs `jax.jvp` through the whole UNet); `impl='jax'` hands the same computa
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,13 +29,40 @@ def check_attention_impl(impl: str) -> None:
 # round trips through main memory; chunks of about 2^21 scores stay in cache. Long keys (Lk >= 4096,
 # SD's 64x64 self-attention) get twice the budget: fewer, longer chunks were measurably faster there
 # (BENCHMARKS.md: 2^21 vs 2^22 on 2 CPU cores), while 2^22 slowed the 32x32 (Lk = 1024) case.
-# Same maths, any AD mode.
 MAX_SCORES_PER_CHUNK = 2 ** 21
+
+# Under differentiation (jvp, linearize, grad) every score-sized intermediate (dS, P * dS) is
+# multiplied by the tangents pushed through at once: the latent-geometry code vmaps 5-10 directions
+# through one linearised U-Net. Chunks sized for the forward then fall out of cache, and the JVP
+# of a 2^21-score chunk ran 3-4x slower than that of 2^16-score chunks (BENCHMARKS.md, "pullback").
+# So derivatives get their own, smaller budget per primal chunk, split over heads as well as
+# queries when one query row over all heads is already large (SD's 4096 keys x 8 heads), with at
+# least MIN_AD_QUERY_CHUNK queries so that the products stay matrix-matrix.
+# Attention maps of at most AD_UNCHUNKED_SCORES per sample (all heads; e.g. 16x16 tokens) keep
+# the forward's chunking: a training step's gradient (one tangent) through them gains nothing from
+# a loop of small chunks.
+AD_SCORES_PER_CHUNK = 2 ** 16
+MIN_AD_QUERY_CHUNK = 8
+AD_UNCHUNKED_SCORES = 2 ** 18
 
 
 def score_budget(lk: int) -> int:
-  """Scores per query chunk for keys of length `lk` (see MAX_SCORES_PER_CHUNK)."""
+  """Scores per query chunk of the forward pass for keys of length `lk`."""
   return MAX_SCORES_PER_CHUNK * (2 if lk >= 4096 else 1)
+
+
+def forward_chunks(b: int, lq: int, h: int, lk: int) -> tuple[int, int]:
+  """(heads, queries) per chunk of the forward pass: all heads, queries up to `score_budget`."""
+  return h, min(lq, max(1, score_budget(lk) // (b * h * lk)))
+
+
+def ad_chunks(b: int, lq: int, h: int, lk: int) -> tuple[int, int]:
+  """(heads, queries) per chunk under differentiation (see AD_SCORES_PER_CHUNK)."""
+  if h * lq * lk <= AD_UNCHUNKED_SCORES:
+    return forward_chunks(b, lq, h, lk)
+  rows = max(1, AD_SCORES_PER_CHUNK // (b * lk))  # (head, query) rows per chunk
+  heads = h if rows >= h * MIN_AD_QUERY_CHUNK else 1
+  return heads, min(lq, max(MIN_AD_QUERY_CHUNK, rows // heads))
 
 
 def _softmax_attention(q, k, v, scale, mask, upcast):
@@ -53,24 +82,65 @@ def _softmax_attention(q, k, v, scale, mask, upcast):
   return (out / denom.astype(out.dtype)).astype(dtype)
 
 
+def _chunked_attention(q, k, v, scale, upcast, heads: int, queries: int):
+  """`_softmax_attention` over chunks of `heads` heads x `queries` queries (`lax.map`; one call if
+  the chunk is everything). Same maths in any AD mode; only the memory traffic differs."""
+  b, lq, h, d = q.shape
+  if heads >= h and queries >= lq:
+    return _softmax_attention(q, k, v, scale, None, upcast)
+  nh, nq = h // heads, -(-lq // queries)
+  q = jnp.pad(q, ((0, 0), (0, nq * queries - lq), (0, 0), (0, 0)))
+  # (nh, nq, B, queries, heads, D) and (nh, B, Lk, heads, D): head groups outside, then queries.
+  qs = q.reshape(b, nq, queries, nh, heads, d).transpose(3, 1, 0, 2, 4, 5)
+  split = lambda t: t.reshape(b, t.shape[1], nh, heads, t.shape[-1]).transpose(2, 0, 1, 3, 4)
+  ks, vs = split(k), split(v)
+
+  def head_group(args):
+    qg, kg, vg = args
+    return jax.lax.map(lambda qc: _softmax_attention(qc, kg, vg, scale, None, upcast), qg)
+
+  out = head_group((qs[0], ks[0], vs[0]))[None] if nh == 1 else jax.lax.map(head_group,
+                                                                             (qs, ks, vs))
+  dv = out.shape[-1]
+  return out.transpose(2, 1, 3, 0, 4, 5).reshape(b, nq * queries, h, dv)[:, :lq]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, scale, upcast):
+  return _chunked_attention(q, k, v, scale, upcast, *forward_chunks(q.shape[0], q.shape[1],
+                                                                    q.shape[2], k.shape[1]))
+
+
+@functools.partial(_attention.defjvp, symbolic_zeros=True)
+def _attention_jvp(scale, upcast, primals, tangents):
+  # The same function, chunked for derivatives; inputs without a tangent (k and v of
+  # cross-attention, whose context is not differentiated) stay constants instead of zeros.
+  chunks = ad_chunks(primals[0].shape[0], primals[0].shape[1], primals[0].shape[2],
+                     primals[1].shape[1])
+  live = [i for i, t in enumerate(tangents)
+          if not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+
+  def f(*args):
+    full = list(primals)
+    for i, a in zip(live, args):
+      full[i] = a
+    return _chunked_attention(*full, scale, upcast, *chunks)
+
+  return jax.jvp(f, tuple(primals[i] for i in live), tuple(tangents[i] for i in live))
+
+
 def dot_product_attention(q, k, v, *, scale: float, mask=None, upcast: bool = True,
                           impl: str = 'softmax'):
   """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D). `mask` (B, 1 or H, Lq, Lk) boolean, True
   = attend. Scores and softmax are computed in float32 when `upcast` (the default, so bf16
-  activations keep a stable softmax). Long query sequences are processed in chunks
-  (`score_budget`) with `lax.map`."""
+  activations keep a stable softmax). Long sequences are processed in chunks with `lax.map`:
+  `forward_chunks` for the value, `ad_chunks` (smaller) for its derivatives."""
   if impl == 'jax':
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask)
   check_attention_impl(impl)
-  b, lq, h, _ = q.shape
-  chunk = max(1, score_budget(k.shape[1]) // (b * h * k.shape[1]))
-  if mask is not None or lq <= chunk:
+  if mask is not None:
     return _softmax_attention(q, k, v, scale, mask, upcast)
-  n = -(-lq // chunk)
-  q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0), (0, 0)))
-  qs = jnp.moveaxis(q.reshape(b, n, chunk, h, -1), 1, 0)  # (n, B, chunk, H, D)
-  out = jax.lax.map(lambda qc: _softmax_attention(qc, k, v, scale, None, upcast), qs)
-  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, -1)[:, :lq]
+  return _attention(q, k, v, scale, upcast)
 
 
 class Attention(nn.Module):

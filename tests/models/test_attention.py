@@ -40,18 +40,89 @@ def test_chunked_equals_reference(qkv, max_scores):
   np.testing.assert_allclose(out, numpy_attention(q, k, v, 0.3), atol=2e-6)
 
 
-def test_chunked_derivatives_equal_unchunked(qkv):
+def _unchunked():
+  return mock.patch.multiple(attention, MAX_SCORES_PER_CHUNK=10 ** 9, AD_SCORES_PER_CHUNK=10 ** 9,
+                             AD_UNCHUNKED_SCORES=0)
+
+
+# (forward budget, AD budget, minimum AD queries): forward chunks of 5 queries with AD chunks of
+# all 3 heads x 5 queries; AD chunks of 1 head x 4 queries (ragged: 37 = 9 x 4 + 1); AD chunks
+# of 1 head x 2 queries forced by the minimum.
+AD_SETTINGS = [(2 * 3 * 29 * 5, 2 * 3 * 29 * 5, 5), (10 ** 9, 2 * 29 * 4, 2),
+               (2 * 3 * 29, 2 * 29, 2)]
+
+
+@pytest.mark.parametrize('forward,ad,min_queries', AD_SETTINGS)
+def test_chunked_derivatives_equal_unchunked(qkv, forward, ad, min_queries):
+  """grad, jvp and a vmapped linearize (the latent-geometry use) of the chunked attention equal
+  those of one unchunked call; the chunking under AD is independent of the forward's."""
   q, k, v = qkv
   f = lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, scale=0.3)))
-  full = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
-  attend = lambda q: attention.dot_product_attention(q, k, v, scale=0.3)
-  dq = jnp.cos(q)
-  tangent = jax.jvp(attend, (q,), (dq,))[1]
-  with mock.patch.object(attention, 'MAX_SCORES_PER_CHUNK', 2 * 3 * 29 * 5):
-    chunked = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
-    tangent_chunked = jax.jvp(attend, (q,), (dq,))[1]
-  chex.assert_trees_all_close(chunked, full, atol=1e-5)
-  chex.assert_trees_all_close(tangent_chunked, tangent, atol=1e-5)
+  self_attend = lambda q, k, v: attention.dot_product_attention(q, k, v, scale=0.3)
+  cross_attend = lambda q: attention.dot_product_attention(q, k, v, scale=0.3)  # k, v constant
+  dirs = [jax.random.normal(jax.random.key(i), (4,) + a.shape) for i, a in enumerate((q, k, v))]
+
+  def derivatives():
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    tangent = jax.jvp(cross_attend, (q,), (jnp.cos(q),))[1]
+    _, lin = jax.linearize(self_attend, q, k, v)
+    pushed = jax.jit(jax.vmap(lin))(*dirs)
+    pulled = jax.vmap(jax.linear_transpose(lin, q, k, v))(pushed)
+    return grads, tangent, pushed, pulled
+
+  with _unchunked():
+    full = derivatives()
+  with mock.patch.multiple(attention, MAX_SCORES_PER_CHUNK=forward, AD_SCORES_PER_CHUNK=ad,
+                           MIN_AD_QUERY_CHUNK=min_queries, AD_UNCHUNKED_SCORES=0):
+    chunked = derivatives()
+  chex.assert_trees_all_close(chunked, full, atol=1e-5, rtol=1e-5)
+
+
+def test_derivative_matches_numpy_finite_difference(qkv):
+  """The JVP itself (chunked over heads and queries) against a float64 central difference of the
+  numpy reference, so that the unchunked comparison above is not circular."""
+  q, k, v = qkv
+  dq, dk, dv = (jax.random.normal(jax.random.key(10 + i), a.shape) for i, a in enumerate((q, k, v)))
+  with mock.patch.multiple(attention, AD_SCORES_PER_CHUNK=2 * 29 * 4, MIN_AD_QUERY_CHUNK=2,
+                           AD_UNCHUNKED_SCORES=0):
+    tangent = jax.jvp(lambda q, k, v: attention.dot_product_attention(q, k, v, scale=0.3),
+                      (q, k, v), (dq, dk, dv))[1]
+  eps = 1e-6
+  plus = numpy_attention(*(np.float64(a) + eps * np.float64(d)
+                           for a, d in ((q, dq), (k, dk), (v, dv))), 0.3)
+  minus = numpy_attention(*(np.float64(a) - eps * np.float64(d)
+                            for a, d in ((q, dq), (k, dk), (v, dv))), 0.3)
+  np.testing.assert_allclose(tangent, (plus - minus) / (2 * eps), atol=2e-5)
+
+
+def test_second_derivative_through_custom_rule(qkv):
+  """A Hessian-vector product (jvp of grad) goes through the custom JVP rule twice."""
+  q, k, v = qkv
+  f = lambda q: jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, scale=0.3)))
+  dq = jax.random.normal(jax.random.key(3), q.shape)
+  hvp = lambda: jax.jvp(jax.grad(f), (q,), (dq,))[1]
+  with _unchunked():
+    full = hvp()
+  with mock.patch.multiple(attention, MAX_SCORES_PER_CHUNK=2 * 3 * 29 * 5,
+                           AD_SCORES_PER_CHUNK=2 * 29 * 4, MIN_AD_QUERY_CHUNK=2,
+                           AD_UNCHUNKED_SCORES=0):
+    chunked = hvp()
+  chex.assert_trees_all_close(chunked, full, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_rules_for_stable_diffusion_shapes():
+  """The rules as documented: SD-1.5 64x64 self-attention (4096 keys, 8 heads) runs its forward
+  in chunks of 128 queries x 8 heads and its derivatives in chunks of 16 queries x 1 head; 32x32
+  (1024 keys): 256 x 8 and 8 x 8; cross-attention over 77 tokens: 3404 x 8 and 106 x 8."""
+  assert attention.forward_chunks(1, 4096, 8, 4096) == (8, 128)
+  assert attention.ad_chunks(1, 4096, 8, 4096) == (1, 16)
+  assert attention.forward_chunks(1, 1024, 8, 1024) == (8, 256)
+  assert attention.ad_chunks(1, 1024, 8, 1024) == (8, 8)
+  assert attention.forward_chunks(1, 4096, 8, 77) == (8, 3404)
+  assert attention.ad_chunks(1, 4096, 8, 77) == (8, 106)
+  assert attention.ad_chunks(64, 1024, 8, 1024) == (1, 8)  # a training batch: the minimum
+  # Small maps (the digits U-Net's 8x8 tokens) keep the forward's chunks: none.
+  assert attention.ad_chunks(64, 64, 4, 64) == attention.forward_chunks(64, 64, 4, 64) == (4, 64)
 
 
 def test_mask_and_jax_impl(qkv):
