@@ -12,10 +12,13 @@ uncond + scale * (cond - uncond); a negative prompt is simply the embedding pass
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from diffgeo_jax.diffusion import chromatography  # it imports guidance lazily (prompt switch)
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -79,3 +82,166 @@ def cfg_eps_fn(model_fn: ModelFn, cond: jax.Array, uncond: jax.Array, scale,
                rescale=0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`eps_fn(x, t)` for the samplers: classifier-free guidance with fixed embeddings."""
   return lambda x, t: classifier_free(model_fn, x, t, cond, uncond, scale, rescale)
+
+
+# -- upsample guidance (Hwang, Park & Jo, arXiv 2404.01709) ----------------------------------------
+#
+#     eps_hat = guidance.upsample(eps_fn, x_t, t, s, factor=2, weight=1.0, eta=0.6)
+#     eps_fn_hi = guidance.upsample_eps_fn(eps_fn, s, factor=2, weight=1.0)   # for `samplers`
+#
+# eps_hat(x_t, t) = eps(x_t, t) + w_t U[eps(D x_t / sqrt(P_t), tau(t)) / m - D eps(x_t, t)], with D
+# the m x m average pool, U the nearest upsampling (D U = I), P_t and tau(t) from `chromatography`
+# and w_t = theta H(t - (1 - eta) T) (theta = `weight`, H(0) = 1, T = num_train_timesteps).
+# Hence D eps_hat = (1 - w_t) D eps + w_t eps_low / m and (I - U D) eps_hat = (I - U D) eps.
+
+
+def _check_range(value, name: str, low: float, high: float | None = None) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = float(value)
+  if not (v == v and v >= low and (high is None or v <= high) and abs(v) != float('inf')):
+    bounds = f'[{low}, {high}]' if high is not None else f'[{low}, inf)'
+    raise ValueError(f'{name} must be in {bounds}, got {value!r}')
+
+
+def upsample_window(t, s, weight=1.0, eta=1.0) -> jax.Array:
+  """w_t = theta H(t - (1 - eta) T), theta = weight: guidance only for the first (noisiest) eta
+  fraction of the T training timesteps; eta = 1 is always on, eta = 0 never. Shape of t."""
+  threshold = (1 - eta) * s.num_train_timesteps
+  return jnp.where(jnp.asarray(t, jnp.float32) >= threshold, weight, 0.0).astype(jnp.float32)
+
+
+def _bcast(a, x):
+  a = jnp.asarray(a, x.dtype)
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def _to_eps(s, out, x, t):
+  """The eps implied by a model output of the schedule's prediction_type."""
+  return out if s.prediction_type == 'epsilon' else s.split_prediction(out, x, t)[1]
+
+
+def _from_eps(s, eps, x, t):
+  if s.prediction_type == 'epsilon':
+    return eps
+  ab = _bcast(s.alpha_cumprod_at(t), x)
+  a, sd = jnp.sqrt(ab), jnp.sqrt(1 - ab)
+  x0 = (x - sd * eps) / a
+  return a * eps - sd * x0 if s.prediction_type == 'v_prediction' else x0
+
+
+def upsample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x_t: jax.Array, t, s,
+             factor: int = 2, weight=1.0, *, eta=1.0, time_adjustment: bool = True,
+             power_adjustment: bool = True) -> jax.Array:
+  """Upsample-guided prediction at high resolution x_t (B, H, W, C), t scalar or (B,) (int or
+  float); `eps_fn` is the model at its native resolution H/m x W/m (any resolution works).
+
+  Two calls of eps_fn: (x_t, t) and, inside the window, (y, tau) with y = D x_t / sqrt(P_t) at
+  1/m^2 of the pixels. Ablations: time_adjustment=False uses tau = t, power_adjustment=False
+  uses P_t = 1. weight 0 (or t outside the window) returns eps_fn(x_t, t) bit for bit; with a
+  scalar t the low-resolution call is skipped there (`lax.cond`). Outputs of v / x0 prediction
+  models are converted to eps, guided, and converted back to the schedule's prediction_type."""
+  chromatography.check_pool_factor(x_t, factor, x_name='x_t')
+  _check_range(weight, 'weight', 0.0)
+  _check_range(eta, 'eta', 0.0, 1.0)
+  batch = x_t.shape[0]
+  if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t) != (batch,)):
+    raise ValueError(f't must be a scalar or of shape ({batch},), got shape {jnp.shape(t)}')
+  out = eps_fn(x_t, t)
+  if factor == 1 or _is_static(weight, 0.0) or _is_static(eta, 0.0):
+    return out  # D = U = I (factor 1) or no guidance: nothing to add
+  w = upsample_window(t, s, weight, eta)
+
+  def guided():
+    eps = _to_eps(s, out, x_t, t)
+    tau = chromatography.adjusted_timestep(s, t, factor) if time_adjustment else t
+    y = chromatography.avg_pool(x_t, factor)
+    if power_adjustment:
+      y = y / _bcast(jnp.sqrt(chromatography.power(s, t, factor)), y)
+    eps_low = _to_eps(s, eps_fn(y, tau), y, tau)
+    delta = eps_low / factor - chromatography.avg_pool(eps, factor)
+    eps_hat = eps + _bcast(w, eps) * chromatography.nearest_upsample(delta, factor)
+    return _from_eps(s, eps_hat, x_t, t).astype(out.dtype)
+
+  if w.ndim == 0:
+    return jax.lax.cond(w != 0, guided, lambda: out)
+  return jnp.where(_bcast(w != 0, out), guided(), out)
+
+
+def upsample_eps_fn(eps_fn, s, factor: int = 2, weight=1.0, *, eta=1.0,
+                    time_adjustment: bool = True, power_adjustment: bool = True):
+  """`eps_fn(x, t)` for every sampler: `upsample` around `eps_fn` (which may itself be a CFG
+  eps_fn: that is order='after' of `upsample_cfg_eps_fn`)."""
+  _check_range(weight, 'weight', 0.0)
+  _check_range(eta, 'eta', 0.0, 1.0)
+  return lambda x, t: upsample(eps_fn, x, t, s, factor, weight, eta=eta,
+                               time_adjustment=time_adjustment, power_adjustment=power_adjustment)
+
+
+def upsample_cfg_eps_fn(model_fn: ModelFn, s, cond: jax.Array, uncond: jax.Array, scale,
+                        rescale=0.0, *, order: str = 'after', factor: int = 2, weight=1.0,
+                        eta=1.0, time_adjustment: bool = True, power_adjustment: bool = True):
+  """Upsample guidance combined with classifier-free guidance, in an explicit order:
+
+  order='after' (DiM's choice): upsample guidance on the CFG-guided eps; the low-resolution pass
+    is CFG-guided too. order='before' (viperyl's SD1.5 choice): upsample guidance on the uncond
+    and cond predictions separately, then CFG (and rescale) on the guided pair.
+  Both cost two batched model calls per guided step (2B at full, 2B at 1/m^2 resolution). With
+  rescale = 0 they are the same function (upsample guidance is affine in the model's outputs and
+  CFG a linear mix with weights summing to 1), up to float rounding; with guidance rescale they
+  differ (its std ratio is taken of the CFG output before or after the upsample term)."""
+  if order == 'after':
+    return upsample_eps_fn(cfg_eps_fn(model_fn, cond, uncond, scale, rescale), s, factor, weight,
+                           eta=eta, time_adjustment=time_adjustment,
+                           power_adjustment=power_adjustment)
+  if order != 'before':
+    raise ValueError(f"order must be 'after' or 'before' (upsample guidance after or before "
+                     f"classifier-free guidance), got {order!r}")
+  _check_range(weight, 'weight', 0.0)
+  _check_range(eta, 'eta', 0.0, 1.0)
+  if cond.shape != uncond.shape:
+    raise ValueError(f'cond and uncond must have the same shape, got {cond.shape} and '
+                     f'{uncond.shape}')
+  ctx = _pair(uncond, cond)
+
+  def eps_fn(x, t):
+    batch = x.shape[0]
+    if cond.shape[0] != batch:
+      raise ValueError(f'cond must have batch size {batch} (that of x), got shape {cond.shape}')
+    paired = lambda xx, tt: model_fn(xx, tt, ctx)
+    out = upsample(paired, _pair(x, x), _duplicate_t(t, batch), s, factor, weight, eta=eta,
+                   time_adjustment=time_adjustment, power_adjustment=power_adjustment)
+    out = out.reshape((batch, 2) + out.shape[1:])
+    guided = (1 - scale) * out[:, 0] + scale * out[:, 1]
+    return guided if _is_static(rescale, 0.0) else rescale_cfg(guided, out[:, 1], rescale)
+
+  return eps_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsampleGuidance:
+  """Upsample-guidance settings as one hashable value (a static argument of jitted samplers; the
+  `pipeline.text_to_image(..., upsample_guidance=...)` option). Fields as `upsample_cfg_eps_fn`."""
+  factor: int = 2
+  weight: float = 1.0
+  eta: float = 1.0
+  time_adjustment: bool = True
+  power_adjustment: bool = True
+  order: str = 'after'
+
+  def __post_init__(self):
+    if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
+      raise ValueError(f'factor must be a positive int, got {self.factor!r}')
+    _check_range(self.weight, 'weight', 0.0)
+    _check_range(self.eta, 'eta', 0.0, 1.0)
+    if self.order not in ('after', 'before'):
+      raise ValueError(f"order must be 'after' or 'before', got {self.order!r}")
+
+  def eps_fn(self, model_fn: ModelFn, s, cond: jax.Array, uncond: jax.Array | None, scale,
+             rescale=0.0):
+    """The guided eps_fn(x, t): with CFG when `uncond` is given, else on `cond` alone."""
+    kw = dict(factor=self.factor, weight=self.weight, eta=self.eta,
+              time_adjustment=self.time_adjustment, power_adjustment=self.power_adjustment)
+    if uncond is None:
+      return upsample_eps_fn(lambda x, t: model_fn(x, t, cond), s, **kw)
+    return upsample_cfg_eps_fn(model_fn, s, cond, uncond, scale, rescale, order=self.order, **kw)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffgeo_jax.diffusion import guidance, samplers, schedules
+from diffgeo_jax.diffusion import chromatography, guidance, samplers, schedules
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -52,14 +52,14 @@ def _prompt_list(prompts, name: str) -> list[str]:
   raise ValueError(f'{name} must be a str or a non-empty list of str, got {prompts!r}')
 
 
-def _negative_list(negative_prompts, n: int) -> list[str]:
+def _negative_list(negative_prompts, n: int, name: str = 'negative_prompts') -> list[str]:
   if negative_prompts is None:
     return [''] * n  # the unconditional embedding is that of the empty prompt
   if isinstance(negative_prompts, str):
     return [negative_prompts] * n
-  negs = _prompt_list(negative_prompts, 'negative_prompts')
+  negs = _prompt_list(negative_prompts, name)
   if len(negs) != n:
-    raise ValueError(f'negative_prompts must have one entry per prompt ({n}), got {len(negs)}')
+    raise ValueError(f'{name} must have one entry per prompt ({n}), got {len(negs)}')
   return negs
 
 
@@ -180,15 +180,23 @@ def decode(pipe, x0) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
-               return_trajectory):
+               return_trajectory, upsample=None, switched=False):
   """The jitted sampler + decoder for these static settings (jax.jit adds one cache per shape)."""
   # Built outside the trace: samplers read the schedule with numpy to lay out their grids.
   s = _schedule(schedule_json)
 
-  def generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key):
+  def generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key,
+               cond_late=None, switch_t=None):
     model_fn = lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
-    if guided:
-      eps_fn = guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale if rescaled else 0.0)
+    rescale = rescale if rescaled else 0.0
+    if switched:
+      eps_fn = chromatography.prompt_switch_eps_fn(
+          model_fn, cond, cond_late, switch_t, uncond=uncond if guided else None, scale=scale,
+          rescale=rescale)
+    elif upsample is not None:
+      eps_fn = upsample.eps_fn(model_fn, s, cond, uncond if guided else None, scale, rescale)
+    elif guided:
+      eps_fn = guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale)
     else:
       eps_fn = lambda x, t: model_fn(x, t, cond)
     out = samplers.sample(sampler, eps_fn, x_start, s, num_steps, key=key, eta=eta,
@@ -209,20 +217,27 @@ def _encode_images(vae, vae_params, images, key):
 
 
 def _run(pipe, prompts, negatives, x_start, key, *, first_step, num_steps, guidance_scale,
-         sampler, eta, guidance_rescale, return_trajectory):
+         sampler, eta, guidance_rescale, return_trajectory, upsample_guidance=None,
+         switch_prompts=None, switch_timestep=None):
   """Encodes the prompts, places everything on the mesh, samples, decodes, unpads."""
   n = len(prompts)
   guided = guidance_scale != 1
+  switched = switch_prompts is not None
   cond = encode_prompts(pipe, prompts)
   uncond = encode_prompts(pipe, negatives) if guided else None
+  cond_late = encode_prompts(pipe, switch_prompts) if switched else None
   mesh = _mesh()
-  batch = _shard_batch(mesh, {'x': x_start, 'cond': cond, 'uncond': uncond})
+  batch = _shard_batch(mesh, {'x': x_start, 'cond': cond, 'uncond': uncond,
+                              'cond_late': cond_late})
   unet_params, vae_params = _replicate(mesh, (pipe.unet_params, pipe.vae_params))
   generate = _generator(pipe.unet, pipe.vae, json.dumps(pipe.scheduler_config, sort_keys=True),
                         sampler, num_steps, first_step, float(eta), guided,
-                        guided and guidance_rescale != 0, return_trajectory)
+                        guided and guidance_rescale != 0, return_trajectory, upsample_guidance,
+                        switched)
   images, traj = generate(unet_params, vae_params, batch['x'], batch['cond'], batch['uncond'],
-                          jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key)
+                          jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key,
+                          batch['cond_late'],
+                          jnp.float32(switch_timestep) if switched else None)
   images = images[:n]
   if not return_trajectory:
     return images
@@ -241,17 +256,37 @@ def _check_common(sampler, guidance_rescale):
 def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float = 7.5,
                   negative_prompts=None, sampler: str = 'ddim', eta: float = 0.0,
                   height: int | None = None, width: int | None = None,
-                  guidance_rescale: float = 0.0, return_trajectory: bool = False, latents=None):
+                  guidance_rescale: float = 0.0, return_trajectory: bool = False, latents=None,
+                  upsample_guidance: guidance.UpsampleGuidance | None = None,
+                  switch_prompts=None, switch_timestep: float | None = None):
   """Images (B, H, W, C) in [0, 1], one per prompt; with `return_trajectory` also the sampler's
   `Trajectory` (in model space: latents for a latent pipeline).
 
   `key` draws the initial noise x_T (unless `latents` gives it: unit Gaussian of shape
   (B, H/f, W/f, unet in_channels), f = `latent_factor(pipe)`) and the step noise of stochastic
-  samplers. `negative_prompts`: None (the empty prompt), a str for all, or one per prompt."""
+  samplers. `negative_prompts`: None (the empty prompt), a str for all, or one per prompt.
+
+  `upsample_guidance` (`guidance.UpsampleGuidance`): sample above the model's resolution (give
+  `height`/`width` = factor x its default) with upsample guidance (arXiv 2404.01709).
+  `switch_prompts` + `switch_timestep`: time-dependent prompt composition (arXiv 2401.10247),
+  `prompts` while t > switch_timestep, then `switch_prompts` (one per prompt, or a str for all);
+  `chromatography.switch_time` picks the time for a resolution. Not combinable with each other."""
   _check_supported(pipe)
   _check_common(sampler, guidance_rescale)
   prompts = _prompt_list(prompts, 'prompts')
   negatives = _negative_list(negative_prompts, len(prompts))
+  if upsample_guidance is not None and not isinstance(upsample_guidance,
+                                                      guidance.UpsampleGuidance):
+    raise ValueError('upsample_guidance must be a guidance.UpsampleGuidance or None, got '
+                     f'{type(upsample_guidance).__name__}')
+  if (switch_prompts is None) != (switch_timestep is None):
+    raise ValueError('switch_prompts and switch_timestep go together: give both or neither')
+  if switch_prompts is not None:
+    if upsample_guidance is not None:
+      raise ValueError('switch_prompts cannot be combined with upsample_guidance')
+    switch_prompts = _negative_list(switch_prompts, len(prompts), 'switch_prompts')
+    if not np.isfinite(switch_timestep):
+      raise ValueError(f'switch_timestep must be a finite timestep, got {switch_timestep!r}')
   dh, dw = default_image_size(pipe) if height is None or width is None else (0, 0)
   height, width = height or dh, width or dw
   f = latent_factor(pipe)
@@ -265,7 +300,9 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float
     raise ValueError(f'latents must have shape {shape} (B, H/{f}, W/{f}, C), got {latents.shape}')
   return _run(pipe, prompts, negatives, jnp.asarray(latents, jnp.float32), key_steps,
               first_step=0, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
-              eta=eta, guidance_rescale=guidance_rescale, return_trajectory=return_trajectory)
+              eta=eta, guidance_rescale=guidance_rescale, return_trajectory=return_trajectory,
+              upsample_guidance=upsample_guidance, switch_prompts=switch_prompts,
+              switch_timestep=switch_timestep)
 
 
 def start_step(num_steps: int, strength: float) -> int:

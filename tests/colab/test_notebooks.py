@@ -107,3 +107,38 @@ def test_latent_geometry_runs_and_its_basis_is_an_svd(tmp_path):
   edit_out = next(_stdout(c) for c in code if 'mean |pixel change|' in _stdout(c))
   zero = re.search(r'gamma \+0\.00: mean \|pixel change\| along v_1 ([\d.]+)', edit_out)
   assert zero and float(zero.group(1)) < 1e-4, edit_out
+
+
+def test_resolution_runs_and_guidance_moves_toward_the_native_sample(tmp_path):
+  nb = execute('resolution.ipynb', '\n'.join([
+      'NUM_STEPS = 2',
+      'DIGITS = (0, 3, 7)',
+      'SAMPLES_PER_DIGIT = 1',
+      'SWITCH_SAMPLES_PER_DIGIT = 1',
+      'SWITCH_TIMES = (995, 500, 0)',
+  ]), tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 6, f'expected the notebook\'s plots, got {figures} images'
+  last = _stdout(code[-1])
+  match = re.search(r'final check: peaks (\d+) (\d+) (\d+) (\d+); \|D\(x\) - native\| plain '
+                    r'([\d.]+) guided ([\d.]+)', last)
+  assert match, f'the final check did not print its result:\n{last}'
+  peaks = [int(match.group(i)) for i in range(1, 5)]
+  plain, guided = float(match.group(5)), float(match.group(6))
+  report.record('resolution notebook: mean |D(x) - native| plain (CPU, 2 steps)', plain)
+  report.record('resolution notebook: mean |D(x) - native| guided (CPU, 2 steps)', guided)
+  # The digits DDPM-linear schedule's chromatogram peaks for m = 1, 2, 4, 8.
+  assert peaks[0] == 219 and peaks[1] in (407, 408) and peaks[2:] == [546, 656], last
+  assert guided < plain, last
+  # The guided prediction keeps the full-resolution detail exactly, its pooled part is eps_low/m.
+  parts_out = next(_stdout(c) for c in code if 'max |D eps_hat' in _stdout(c))
+  for name in (r'\(I - UD\) eps_hat - \(I - UD\) eps', r'D eps_hat - eps_low / m'):
+    err = re.search(name + r'\|\s*= ([-+.\deE]+)', parts_out)
+    assert err and float(err.group(1)) < 1e-4, parts_out
+  # Switching after the last grid timestep (t_s = 0) keeps the first colour everywhere; switching
+  # before the first (t_s = 995) never sees it.
+  table = next(_stdout(c) for c in code if 'keeps red' in _stdout(c))
+  rows = {int(r.split()[0]): [float(v) for v in r.split()[1:3]]
+          for r in table.splitlines() if re.match(r'\s*\d+\s+[\d.]+\s+[\d.]+', r)}
+  assert rows[0][0] == 1.0 and rows[995][0] == 0.0, table

@@ -1,0 +1,188 @@
+r"""Resolution chromatography (arXiv 2401.10247) of a pipeline's schedule, and time-dependent prompt
+composition on the digits model measured against the chromatogram's prediction.
+
+    python launch/chromatography.py --config=configs/chromatography/digits.py --workdir=/tmp/chrom
+
+1. Chromatograms: the signal fraction S_m(t) = alpha_bar_t / P_t and the generation rate
+   g_m = -dS_m/dt for each factor m (`chromatography`), with peak times and the SNR-matched
+   timesteps, for the pipeline's schedule (and SD's scaled-linear one).
+2. Prompt switching: every sample uses the first prompt while t > t_s and the second after
+   (`pipeline.text_to_image(switch_prompts=..., switch_timestep=t_s)`), from the same initial
+   noise for every t_s. Experiment `colour` switches the colour word ("a red digit 3" -> "a blue
+   digit 3"), `digit` the digit. Measured: the fraction of samples that keep the FIRST prompt's
+   attribute (colour read from the pixels; digit read by the classifier) and the fraction that
+   show the second one, against t_s.
+   The chromatogram's prediction: an attribute carried by resolution m is settled once most of
+   that resolution's signal is generated, S_m(t_s) ~ 1/2, i.e. SNR(t_s) = 1/m^2
+   (`chromatography.switch_time`). The curve is compared with S_m(t_s) for each m, and the time
+   where it crosses 1/2 gives the attribute's effective resolution (the m whose S_m crosses 1/2
+   at the same t).
+
+Writes to --workdir: `config.json`, `results.json`, `chromatogram.png` (and
+`chromatogram_sd.png`), `switch.png` (measured curves and S_m(t_s)), `switch_<experiment>.png`
+(rows: switch times from early to late; columns: samples), `samples.npz`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffgeo_jax import digits, models
+from diffgeo_jax.diffusion import chromatography, pipeline, samplers, schedules
+from diffgeo_jax.digits import classifier, dataset, metrics
+from diffgeo_jax.images import grid
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/chromatography/*.py')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+
+EXPERIMENTS = ('colour', 'digit')
+
+
+def schedule_summary(s, factors) -> dict:
+  """Peak times of g_m (and of the band g_m - g_2m), the S_m = 1/2 times, and tau(t) for m = 2."""
+  return {
+      'peak_time': {str(m): int(chromatography.peak_time(s, m)) for m in factors},
+      'band_peak_time': {str(m): int(chromatography.peak_time(s, m, band=True)) for m in factors},
+      'half_time': {str(m): float(chromatography.switch_time(s, m)) for m in factors},
+      'tau_m2': {str(t): float(chromatography.adjusted_timestep(s, t, 2))
+                 for t in (999, 800, 600, 400, 200)},
+  }
+
+
+def cases(config, experiment: str) -> list[tuple[str, str, int, int]]:
+  """(first prompt, second prompt, first attribute, second attribute) per sample."""
+  out = []
+  for d in range(10):
+    for c1, c2 in config.colour_pairs:
+      for _ in range(config.samples_per_case):
+        if experiment == 'colour':
+          out.append((dataset.caption(d, c1), dataset.caption(d, c2), dataset.COLOURS.index(c1),
+                      dataset.COLOURS.index(c2)))
+        else:
+          d2 = (d + config.digit_shift) % 10
+          out.append((dataset.caption(d, c1), dataset.caption(d2, c1), d, d2))
+  for first, second, _, _ in out:
+    dataset.check_prompt(first)
+    dataset.check_prompt(second)
+  return out
+
+
+def crossing(ts, frac, level: float = 0.5) -> float | None:
+  """The t where the measured fraction (rising as t_s decreases) first reaches `level`, linearly
+  interpolated between switch times; None if it never does."""
+  order = np.argsort(ts)[::-1]  # from early (large t) to late
+  t, f = np.asarray(ts, float)[order], np.asarray(frac, float)[order]
+  for i in range(1, len(t)):
+    if f[i - 1] < level <= f[i]:
+      return float(t[i - 1] + (level - f[i - 1]) * (t[i] - t[i - 1]) / (f[i] - f[i - 1]))
+  return None
+
+
+def effective_factor(s, t_cross: float | None) -> float | None:
+  """The m with S_m(t_cross) = 1/2, i.e. m = 1 / sqrt(SNR(t_cross)) (a real number)."""
+  if t_cross is None:
+    return None
+  return float(math.exp(-0.5 * float(s.log_snr_at(t_cross))))
+
+
+def plot_switch(s, measured: dict, factors, path: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  t = np.arange(s.num_train_timesteps)
+  for m in factors:
+    ax.plot(t, np.asarray(chromatography.signal_fraction(s, m)), ls=':', lw=1,
+            label=f'$S_{{{m}}}(t_s)$')
+  for name, rec in measured.items():
+    ax.plot(rec['switch_times'], rec['keep_first'], marker='o', lw=2,
+            label=f'{name}: fraction keeping the first prompt\'s {name}')
+  ax.set_xlabel('switch time $t_s$ (first prompt for t > $t_s$)')
+  ax.set_ylabel('fraction')
+  ax.set_xlim(s.num_train_timesteps, 0)
+  ax.legend(fontsize=7, loc='center left')
+  ax.set_title('prompt switching vs the chromatogram')
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2))
+  for e in config.experiments:
+    if e not in EXPERIMENTS:
+      raise ValueError(f'unknown experiment {e!r} in config.experiments; supported: {EXPERIMENTS}')
+  if not config.switch_times:
+    raise ValueError('config.switch_times must be non-empty')
+  pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+  s = schedules.from_diffusers_config(pipe.scheduler_config)
+  factors = [int(m) for m in config.factors]
+  results = {'schedule': schedule_summary(s, factors),
+             'grid_timesteps': [int(t) for t in samplers.timesteps(config.sampler, s,
+                                                                     config.num_steps)]}
+  chromatography.plot_chromatogram(s, factors, os.path.join(workdir, 'chromatogram.png'),
+                                   title='digits model schedule (DDPM linear)')
+  if config.plot_sd_schedule:
+    sd = schedules.scaled_linear()
+    results['sd_schedule'] = schedule_summary(sd, factors)
+    chromatography.plot_chromatogram(sd, factors, os.path.join(workdir, 'chromatogram_sd.png'),
+                                     title='SD scaled-linear schedule')
+
+  scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+  h, w = pipeline.default_image_size(pipe)
+  measured, arrays = {}, {}
+  for experiment in config.experiments:
+    jobs = cases(config, experiment)
+    first, second = [j[0] for j in jobs], [j[1] for j in jobs]
+    a1, a2 = np.array([j[2] for j in jobs]), np.array([j[3] for j in jobs])
+    noise = jax.random.normal(jax.random.key(config.seed),
+                              (len(jobs), h, w, pipe.unet.config.in_channels))
+    keep, show, per_t = [], [], []
+    for t_s in config.switch_times:
+      # One executable for every t_s: the switch time is a traced argument.
+      images = np.asarray(pipeline.text_to_image(
+          pipe, first, jax.random.key(config.seed), latents=noise, num_steps=config.num_steps,
+          guidance_scale=config.guidance_scale, sampler=config.sampler, switch_prompts=second,
+          switch_timestep=float(t_s)))
+      x = images * 2.0 - 1.0
+      got = classifier.colour_index(x) if experiment == 'colour' else scorer.predict(x)
+      keep.append(float(np.mean(got == a1)))
+      show.append(float(np.mean(got == a2)))
+      per_t.append(images[:config.grid_samples])
+      logging.info('%s switch at t_s=%s: keep first %.3f, show second %.3f', experiment, t_s,
+                   keep[-1], show[-1])
+    t_cross = crossing(config.switch_times, keep)
+    measured[experiment] = {
+        'switch_times': [float(t) for t in config.switch_times], 'keep_first': keep,
+        'show_second': show, 'num_samples': len(jobs),
+        'half_crossing_t': t_cross, 'effective_factor': effective_factor(s, t_cross),
+        'predicted_keep_first': {str(m): [float(chromatography.signal_fraction(s, m)[
+            int(min(max(round(t), 0), s.num_train_timesteps - 1))]) for t in config.switch_times]
+            for m in factors},
+    }
+    arrays[experiment] = np.stack(per_t)
+    grid(arrays[experiment].reshape(-1, *arrays[experiment].shape[2:]), len(config.switch_times),
+         arrays[experiment].shape[1], 2).save(os.path.join(workdir, f'switch_{experiment}.png'))
+  results['switch'] = measured
+  plot_switch(s, measured, factors, os.path.join(workdir, 'switch.png'))
+  np.savez(os.path.join(workdir, 'samples.npz'), **arrays)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  logging.info('wrote %s: %s', workdir, json.dumps(measured))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
