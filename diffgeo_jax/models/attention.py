@@ -119,6 +119,9 @@ def _attention_jvp(scale, upcast, primals, tangents):
                      primals[1].shape[1])
   live = [i for i, t in enumerate(tangents)
           if not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+  if not live:  # nothing differentiated: the value and a zero tangent
+    out = _chunked_attention(*primals, scale, upcast, *chunks)
+    return out, jnp.zeros_like(out)
 
   def f(*args):
     full = list(primals)
