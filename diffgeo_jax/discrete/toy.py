@@ -123,55 +123,104 @@ class ToyData:
     """The exact q_t over `noisy_sequences(process)`, (S^L,) float64."""
     self._check_process(process)
     k = np.asarray(process.transition_matrix(jnp.asarray(t, jnp.float32)), np.float64)
+    k = k[:self.vocab_size]  # from clean tokens only
     q = self.table
     for i in range(self.length):  # apply K along axis i
       q = np.moveaxis(np.tensordot(q, k, axes=([i], [0])), -1, i)
     return q.reshape(-1)
 
-  def sampled_distribution(self, process, times, start: str = 'prior') -> np.ndarray:
-    """The exact distribution (V^L,) over `sequences` of the tau-leaping (Euler) sampler on
-    `times` (t_0 > t_1 > ... > t_N), with the exact denoiser: N steps, each token independently
-    following `processes.tau_leaping_probs`, then the final denoising call at t_N (every token
-    drawn independently from p(x_0^i | x_{t_N})): N + 1 denoiser calls.
-    start: 'prior' (all MASK / uniform tokens) or 'marginal' (the exact q_{t_0})."""
+  def _check_steps(self, process, times, method):
     self._check_process(process)
-    times = np.asarray(times, np.float64)
-    if times.ndim != 1 or times.size < 2 or np.any(np.diff(times) >= 0):
-      raise ValueError(f'times must be a 1-D strictly decreasing array of >= 2 times, got {times}')
-    if times[-1] < 0 or times[0] > 1:
-      raise ValueError(f'times must lie in [0, 1], got [{times[-1]}, {times[0]}]')
+    from diffgeo_jax.discrete import samplers  # noqa: PLC0415 (samplers imports nothing of toy)
+    times = samplers.check_times(times)
+    if method not in samplers.STEP_PROBS:
+      raise ValueError(f'method must be one of {tuple(samplers.STEP_PROBS)}, got {method!r}')
+    states = self.noisy_sequences(process)
+    if states.shape[0] > MAX_STATES:
+      raise ValueError(f'S^L = {states.shape[0]} noisy sequences exceed MAX_STATES={MAX_STATES}')
+    return times, samplers.STEP_PROBS[method], states
+
+  def _factorised(self, per_token, targets) -> np.ndarray:
+    """M[x, y] = prod_i per_token[x, i, targets[y, i]]: a factorised step as a dense matrix."""
+    per_token = np.asarray(per_token, np.float64)
+    m = np.ones((per_token.shape[0], targets.shape[0]))
+    for i in range(self.length):
+      m *= per_token[:, i, :][:, targets[:, i]]
+    return m
+
+  def _step_matrices(self, process, times, method):
+    """The sampler's dense step matrices (S^L, S^L) per step, then the final denoising call's
+    (S^L, V^L), or, with no noise left at t_N (no call, as `samplers.sample` does), the map of
+    the clean states onto `sequences`."""
+    from diffgeo_jax.discrete import samplers  # noqa: PLC0415
+    times, step_probs, states = self._check_steps(process, times, method)
+    denoise = jax.jit(self.denoiser(process))
+    xs = jnp.asarray(states)
+    ones = jnp.ones((states.shape[0],), jnp.float32)
+    for t, s in zip(times[:-1], times[1:]):
+      probs = denoise(xs, t * ones)
+      yield self._factorised(step_probs(process, xs, t * ones, s * ones, probs), states)
+    if samplers.needs_final_denoise(process, times[-1]):
+      yield self._factorised(denoise(xs, times[-1] * ones), self.sequences)
+    else:  # every state reachable at t = 0 is clean: read it off as a clean sequence
+      clean = np.all(states < self.vocab_size, axis=1)
+      m = np.zeros((states.shape[0], self.probs.size))
+      m[np.flatnonzero(clean), np.ravel_multi_index(states[clean].T, self.table.shape)] = 1.0
+      yield m
+
+  def sampled_distribution(self, process, times, start: str = 'prior',
+                           method: str = 'euler') -> np.ndarray:
+    """The exact distribution (V^L,) over `sequences` of `samplers.sample(method=...)` on `times`
+    (t_0 > t_1 > ... > t_N) with the exact denoiser: N steps, each token drawn independently from
+    the method's per-token step probabilities, then (when t_N > 0) the final denoising call (every
+    token from p(x_0^i | x_{t_N})) unless sigma_bar(t_N) = 0. start: 'prior' (all MASK / uniform tokens) or 'marginal'
+    (the exact q_{t_0})."""
     if start not in ('prior', 'marginal'):
       raise ValueError(f"start must be 'prior' or 'marginal', got {start!r}")
-    states = self.noisy_sequences(process)
-    n_states = states.shape[0]
-    if n_states > MAX_STATES:
-      raise ValueError(f'S^L = {n_states} noisy sequences exceed MAX_STATES={MAX_STATES}')
+    times, _, states = self._check_steps(process, times, method)
     if start == 'marginal':
       q = self.marginal(process, times[0])
     elif isinstance(process, processes.Absorbing):
-      q = np.zeros(n_states)
+      q = np.zeros(states.shape[0])
       q[-1] = 1.0  # all MASK is the last sequence in C order
     else:
-      q = np.full(n_states, 1.0 / n_states)
-    denoise = jax.jit(self.denoiser(process))
-    xs = jnp.asarray(states)
-    ones = jnp.ones((n_states,), jnp.float32)
-    pos = np.arange(self.length)
+      q = np.full(states.shape[0], 1.0 / states.shape[0])
+    for m in self._step_matrices(process, times, method):
+      q = q @ m
+    return q
 
-    def factorised(per_token, targets):  # M[x, y] = prod_i per_token[x, i, targets[y, i]]
-      per_token = np.asarray(per_token, np.float64)
-      m = np.ones((per_token.shape[0], targets.shape[0]))
-      for i in pos:
-        m *= per_token[:, i, :][:, targets[:, i]]
-      return m
-
+  def cde(self, process, times) -> np.ndarray:
+    """The exact compounding decoding error of every parallel step (paper eq. 3-5): for each step
+    t_i -> t_{i+1} (and t_N -> 0 when t_N > 0), E_{x ~ q_{t_i}} of the total correlation of the TRUE
+    one-step distribution q(x_{t_{i+1}} | x_{t_i} = x) -- the KL between it and the product of its
+    per-token marginals. Returns (N,) or (N + 1,) nats; Theorem 3.1: KL(data || sampled) <= sum,
+    for a sampler with exact per-token steps (`method='tweedie'`, start='marginal')."""
+    times, _, states = self._check_steps(process, times, 'tweedie')
+    if times[-1] > 0:
+      times = np.append(times, 0.0)
+    s_num = process.num_states
+    out = []
     for t, s in zip(times[:-1], times[1:]):
-      probs = denoise(xs, t * ones)
-      rates = process.reverse_rates(xs, t * ones, probs)
-      step = processes.tau_leaping_probs(xs, rates, (t - s) * ones)
-      q = q @ factorised(step, states)
-    final = denoise(xs, times[-1] * ones)
-    return q @ factorised(final, self.sequences)
+      joint = self._true_step(process, states, t, s)  # (S^L at t, S^L at s)
+      p_t = joint.sum(1)
+      cond = joint / np.where(p_t > 0, p_t, 1.0)[:, None]
+      # per-token marginals of the conditional, then their product over all sequences at s
+      marg = np.stack([np.stack([cond[:, states[:, i] == j].sum(1) for j in range(s_num)], 1)
+                       for i in range(self.length)], 1)  # (S^L, L, S)
+      prod = self._factorised(marg, states)
+      nz = cond > 0
+      log_ratio = np.zeros_like(cond)
+      log_ratio[nz] = np.log(cond[nz]) - np.log(prod[nz])
+      out.append(float(np.sum(p_t[:, None] * cond * log_ratio)))
+    return np.array(out)
+
+  def _true_step(self, process, states, t, s) -> np.ndarray:
+    """The exact joint q(x_t, x_s) over (S^L, S^L) for t > s: sum over x_0 of
+    p(x_0) K_s(x_0 -> x_s) K_{s->t}(x_s -> x_t)."""
+    k_st = np.asarray(process.transition_matrix(jnp.float32(t), jnp.float32(s)), np.float64)
+    q_s = self.marginal(process, s)
+    fwd = self._factorised(k_st[states], states)  # (x_s, x_t): prod_i K_{s->t}[x_s^i, x_t^i]
+    return (q_s[:, None] * fwd).T  # rows x_t, columns x_s
 
 
 def independent(marginals) -> ToyData:
