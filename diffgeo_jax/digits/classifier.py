@@ -170,6 +170,26 @@ def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
+def load_params(path: str, abstract: Mapping, what: str) -> dict:
+  """The float32 parameter tree in safetensors file `path` ('/'-joined names), after checking it
+  against the `abstract` tree of the model (`what`, for the error): an error lists every missing,
+  unexpected and mis-shaped parameter at once."""
+  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
+  try:
+    stored = safetensors.numpy.load_file(path)
+  except Exception as e:  # safetensors raises several types for a corrupt file
+    raise ValueError(f'cannot read safetensors file {path}: {e}') from e
+  missing = sorted(set(want) - set(stored))
+  unexpected = sorted(set(stored) - set(want))
+  misshaped = sorted(f'{k}: stored {stored[k].shape}, expected {want[k]}'
+                     for k in set(want) & set(stored) if tuple(stored[k].shape) != want[k])
+  if missing or unexpected or misshaped:
+    raise ValueError(f'{path} does not match {what}: missing keys {missing}; unexpected keys '
+                     f'{unexpected}; wrong shapes {misshaped}')
+  return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in stored.items()},
+                                      sep='/')
+
+
 def save(folder: str, params: Mapping, config: ClassifierConfig,
          results: Mapping[str, Any] | None = None) -> None:
   """Writes `config.json`, `model.safetensors` and (if given) `results.json` into `folder`."""
@@ -200,22 +220,8 @@ def load(folder: str | None = None) -> tuple[Classifier, dict]:
   model = Classifier(config)
   s = config.image_size
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3)))['params']
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
-  path = os.path.join(folder, WEIGHTS)
-  try:
-    stored = safetensors.numpy.load_file(path)
-  except Exception as e:  # safetensors raises several types for a corrupt file
-    raise ValueError(f'cannot read safetensors file {path}: {e}') from e
-  missing = sorted(set(want) - set(stored))
-  unexpected = sorted(set(stored) - set(want))
-  misshaped = sorted(f'{k}: stored {stored[k].shape}, expected {want[k]}'
-                     for k in set(want) & set(stored) if tuple(stored[k].shape) != want[k])
-  if missing or unexpected or misshaped:
-    raise ValueError(f'{path} does not match the classifier of {os.path.join(folder, CONFIG)}: '
-                     f'missing keys {missing}; unexpected keys {unexpected}; '
-                     f'wrong shapes {misshaped}')
-  params = traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in stored.items()},
-                                        sep='/')
+  params = load_params(os.path.join(folder, WEIGHTS), abstract,
+                       f'the classifier of {os.path.join(folder, CONFIG)}')
   return model, params
 
 

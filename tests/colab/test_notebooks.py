@@ -142,3 +142,29 @@ def test_resolution_runs_and_guidance_moves_toward_the_native_sample(tmp_path):
   rows = {int(r.split()[0]): [float(v) for v in r.split()[1:3]]
           for r in table.splitlines() if re.match(r'\s*\d+\s+[\d.]+\s+[\d.]+', r)}
   assert rows[0][0] == 1.0 and rows[995][0] == 0.0, table
+
+
+def test_jump_your_steps_runs_and_the_cde_chain_holds(tmp_path):
+  nb = execute('jump_your_steps.ipynb', '\n'.join([
+      'TOY_VOCAB, TOY_LENGTH = 3, 3',
+      'TOY_NFES = (2, 4)',
+      'NUM_SAMPLES = 64',
+      'GRID_SIZE = 17',
+      'MODEL_NFES = (2, 4)',
+      'EVAL_SAMPLES = 16',
+  ]), tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 3, f'expected the notebook\'s plots, got {figures} images'
+  last = _stdout(code[-1])
+  match = re.search(r'final check: KL <= sum CDE on (\d+) schedules \(worst margin '
+                    r'([-+.\deE]+)\): (OK|FAILED)', last)
+  assert match, f'the final check did not print its result:\n{last}'
+  assert int(match.group(1)) == 4 and match.group(3) == 'OK', last
+  assert float(match.group(2)) < 0, last
+  # The uniform / JYS error table of the trained model has one row per NFE, rates in [0, 1].
+  table = next(_stdout(c) for c in code if 'uniform' in _stdout(c) and 'JYS' in _stdout(c)
+               and 'NFE' in _stdout(c) and 'sum CDE' not in _stdout(c))
+  rows = [r.split() for r in table.splitlines() if re.match(r'\s*\d+\s+[\d.]+\s+[\d.]+$', r)]
+  assert [int(r[0]) for r in rows] == [2, 4], table
+  assert all(0 <= float(v) <= 1 for r in rows for v in r[1:]), table

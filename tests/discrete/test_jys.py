@@ -58,6 +58,19 @@ class KLUBTest(parameterized.TestCase):
       np.testing.assert_allclose(gain[i], max(want), rtol=1e-5)
 
 
+  def test_schedule_klub_closed_form(self):
+    """Independent tokens, exact denoiser: the rate at a masked token is p / tau, so the per-token
+    integrand is m(tau) (1 / tau) log(s / tau) = (1 - eps) log(s / tau), integrating to
+    (1 - eps) [(s - u) - u log(s / u)] per step."""
+    d, proc = toy.independent([[0.4, 0.3, 0.2, 0.1]] * 3), processes.Absorbing(V)
+    x0 = d.sample(jax.random.key(0), 20000)
+    noise = jax.random.uniform(jax.random.key(1), x0.shape)
+    f = lambda s, u: (1 - 1e-3) * ((s - u) - u * np.log(s / u))
+    got = jys.schedule_klub(d.denoiser(proc), proc, x0, noise, [0.8, 0.3, 0.1],
+                            points_per_step=32)
+    np.testing.assert_allclose(got, f(0.8, 0.3) + f(0.3, 0.1), rtol=5e-3)
+
+
 class _Quadratic:
   """A stand-in objective with a known maximiser, for golden-section alone."""
 

@@ -1,0 +1,165 @@
+r"""Train a masked (absorbing) discrete-diffusion denoiser: Countdown or the 8x8 digits as tokens.
+
+    python launch/train_discrete.py --config=configs/discrete/countdown.py \
+      --workdir=/tmp/discrete_countdown [--config.export_dir=...]
+    python launch/train_discrete.py --config=configs/discrete/digits.py --workdir=/tmp/discrete_digits
+
+The denoiser (`discrete.model.Transformer`) is trained on the continuous-time ELBO of
+`processes.Absorbing` with the log-linear schedule (`model.loss`); the batch of step i is a function
+of (seed, i, process) alone, so a resumed run is the run that never stopped. After training, the
+EMA weights are evaluated on a fixed held-out set (Countdown: seeded fresh sequences; digits: the
+test split): the ELBO in nats per token, the masked cross-entropy and the masked-token accuracy,
+each averaged over `eval.repeats` fixed noise draws. For Countdown the same noisy batches are also
+scored with the exact posterior (`data.countdown_posterior`): the Bayes limits. Writes to
+--workdir: `config.json`, `checkpoints/` (orbax; a rerun resumes from the latest), `tensorboard/`,
+`model/` (the model folder: config.json, model.safetensors, results.json; also copied to
+`export_dir` when set) and `results.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffgeo_jax.discrete import data, processes
+from diffgeo_jax.discrete import model as model_lib
+from diffgeo_jax.training import sharding, trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config (configs/discrete/countdown.py or digits.py).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
+                               required=True)
+_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
+                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
+
+DATASETS = ('countdown', 'digits')
+# The held-out Countdown set is drawn from (eval.seed, HELDOUT_STEP, 0): a step no run reaches, so
+# it is never a training batch (numpy's SeedSequence pads entropy with zeros, so [s] = [s, 0, 0]).
+HELDOUT_STEP = 2**32 - 1
+
+
+class Job:
+  """The data, model and loss of one discrete training config."""
+
+  def __init__(self, config):
+    self.config = config
+    d = config.data
+    if d.name not in DATASETS:
+      raise ValueError(f'config.data.name must be one of {DATASETS}, got {d.name!r}')
+    if d.name == 'digits':
+      if (d.length, d.vocab_size) != (data.DIGIT_LENGTH, data.DIGIT_VOCAB):
+        raise ValueError(f'digits sequences have config.data.length={data.DIGIT_LENGTH} and '
+                         f'config.data.vocab_size={data.DIGIT_VOCAB}, got {d.length} and '
+                         f'{d.vocab_size}')
+      self.train_tokens = data.digit_tokens('train', d.split_seed)[0]
+    self.model_config = model_lib.TransformerConfig(
+        vocab_size=d.vocab_size, length=d.length, **config.model.to_dict())
+    self.model = model_lib.Transformer(self.model_config)
+    self.process = processes.Absorbing(d.vocab_size, processes.LogLinear(config.process.eps))
+
+  def init_fn(self, key: jax.Array) -> dict:
+    return model_lib.init(key, self.model_config)[1]
+
+  def loss_fn(self, params: dict, batch: dict, key: jax.Array):
+    return model_lib.loss(self.model, params, batch['tokens'], key, self.process,
+                          self.config.process.t_min)
+
+  def batch_fn(self, step: int) -> dict:
+    """This process's rows of step `step`'s batch: a function of (seed, step, process) alone."""
+    c, d = self.config.train, self.config.data
+    rows = c.batch_size // jax.process_count()
+    rng = np.random.default_rng([c.seed, step, jax.process_index()])
+    if d.name == 'countdown':
+      tokens = data.countdown(rng, rows, d.length, d.vocab_size)
+    else:
+      tokens = self.train_tokens[rng.integers(0, len(self.train_tokens), rows)]
+    return {'tokens': tokens}
+
+  def heldout_tokens(self) -> np.ndarray:
+    """The fixed held-out set: seeded fresh Countdown sequences, or the digits test split."""
+    d, e = self.config.data, self.config.eval
+    if d.name == 'countdown':
+      return data.countdown(np.random.default_rng([e.seed, HELDOUT_STEP, 0]), e.num_sequences,
+                            d.length, d.vocab_size)
+    return data.digit_tokens('test', d.split_seed)[0]
+
+
+def _keys(seed: int, repeats: int) -> list[jax.Array]:
+  return [jax.random.fold_in(jax.random.key(seed), r) for r in range(repeats)]
+
+
+def _combine(rows: list[tuple[float, dict]], n_tokens: int) -> dict:
+  """Means over repeats: the ELBO per repeat, the masked metrics per masked token."""
+  masked = np.array([m['masked_fraction'] * n_tokens for _, m in rows])
+  out = {'elbo': float(np.mean([v for v, _ in rows]))}
+  for k in ('masked_ce', 'masked_accuracy'):
+    out[k] = float(np.sum(np.array([m[k] for _, m in rows]) * masked) / max(masked.sum(), 1))
+  out['masked_fraction'] = float(masked.sum() / (n_tokens * len(rows)))
+  return out
+
+
+def evaluate(model, params, tokens, process, t_min: float, seed: int, repeats: int,
+             bayes: bool = False) -> dict:
+  """ELBO (nats/token), masked cross-entropy and masked accuracy of `tokens` (N, L), each noise
+  draw r of `repeats` from fold_in(key(seed), r) through `model.loss`, so a reloaded model
+  reproduces them exactly. bayes=True (Countdown only) adds the exact posterior's numbers on the
+  same noisy batches under 'bayes'."""
+  loss = jax.jit(lambda p, x, k: model_lib.loss(model, p, x, k, process, t_min))
+  x0 = jnp.asarray(tokens, jnp.int32)
+  rows, bayes_rows = [], []
+  for key in _keys(seed, repeats):
+    value, metrics = jax.device_get(loss(params, x0, key))
+    rows.append((float(value), {k: float(v) for k, v in metrics.items()}))
+    if bayes:
+      t, x_t = model_lib.noise(key, x0, process, t_min)
+      post = data.countdown_posterior(np.asarray(x_t), process.vocab_size)
+      logp = jnp.asarray(np.log(np.maximum(post, 1e-30)), jnp.float32)
+      value, metrics = jax.device_get(model_lib.masked_elbo(logp, x0, x_t, t, process))
+      bayes_rows.append((float(value), {k: float(v) for k, v in metrics.items()}))
+  out = {**_combine(rows, x0.size), 'sequences': int(x0.shape[0]), 'repeats': int(repeats)}
+  if bayes:
+    out['bayes'] = _combine(bayes_rows, x0.size)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  sharding.initialize_distributed(_DISTRIBUTED.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  job = Job(config)
+  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn)
+  state, result = run.run()
+  if jax.process_index() != 0:
+    return
+  params = jax.device_get(state.ema_params)
+  e, d = config.eval, config.data
+  is_countdown = d.name == 'countdown'
+  heldout = evaluate(job.model, params, job.heldout_tokens(), job.process, config.process.t_min,
+                     e.seed, e.repeats, bayes=is_countdown)
+  result = {'data': d.name, 'heldout': heldout, 'training': result,
+            'parameters': model_lib.num_parameters(params),
+            'process': {'name': 'absorbing', 'schedule': 'loglinear', 'eps': config.process.eps,
+                        't_min': config.process.t_min},
+            'command': shlex.join(['python', *sys.argv]),
+            'jax': jax.__version__, 'backend': jax.default_backend()}
+  if is_countdown:
+    result['entropy_per_token'] = data.countdown_entropy(d.length, d.vocab_size) / d.length
+  else:
+    result['train'] = evaluate(job.model, params, job.train_tokens, job.process,
+                               config.process.t_min, e.seed, e.repeats)
+  out = os.path.join(workdir, 'model')
+  model_lib.save(out, params, job.model_config, result)
+  trainer.write_outputs(workdir, result, out, config.export_dir)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)
