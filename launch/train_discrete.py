@@ -32,12 +32,17 @@ from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
 from diffgeo_jax.training import sharding, trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config (configs/discrete/countdown.py or digits.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
-                               required=True)
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
+_FLAGS = {}  # defined when run as a binary only: tests import Job/evaluate next to other launchers
+
+
+def _define_flags():
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', None, 'Training config (configs/discrete/countdown.py or digits.py).')
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
+                                          'Output folder (resumes from its checkpoints).',
+                                          required=True)
+  _FLAGS['jax_distributed'] = flags.DEFINE_bool(
+      'jax_distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 DATASETS = ('countdown', 'digits')
 # The held-out Countdown set is drawn from (eval.seed, HELDOUT_STEP, 0): a step no run reaches, so
@@ -132,8 +137,8 @@ def evaluate(model, params, tokens, process, t_min: float, seed: int, repeats: i
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  sharding.initialize_distributed(_FLAGS['jax_distributed'].value)
+  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
   job = Job(config)
   run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn)
   state, result = run.run()
@@ -161,5 +166,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flag_as_required('config')
   app.run(main)

@@ -91,10 +91,15 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float):
-  """`step(state, batch, key) -> (state, metrics)`, pure (jit it with shardings)."""
-  def step(state: TrainState, batch: Any, key: jax.Array):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float,
+                    with_frozen: bool = False):
+  """`step(state, batch, key) -> (state, metrics)`, pure (jit it with shardings). With
+  `with_frozen`: `step(state, batch, key, frozen)` and `loss_fn(params, batch, key, frozen)`, for
+  parameters that are inputs but not trained (a LoRA's base model), passed once per step rather
+  than captured as constants of the compiled step."""
+  def step(state: TrainState, batch: Any, key: jax.Array, *frozen):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
+                                                                       *frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay:
@@ -151,6 +156,9 @@ class Trainer:
   batch_fn: Callable[[int], Any]
   mesh: jax.sharding.Mesh | None = None
   rules: sharding.Rules = ()
+  # Parameters the loss reads but does not train (e.g. the base model under a LoRA), sharded by
+  # the same rules; then loss_fn(params, batch, key, frozen). Not checkpointed: they are inputs.
+  frozen: Any = None
 
   def __post_init__(self):
     self.c = self.config.train
@@ -172,11 +180,23 @@ class Trainer:
     abstract = jax.eval_shape(self._init_state, jax.random.key(0))
     return sharding.tree_shardings(abstract, self.mesh, self.rules)
 
+  def frozen_shardings(self) -> Any:
+    return sharding.tree_shardings(self.frozen, self.mesh, self.rules)
+
+  def put_frozen(self) -> tuple:
+    """The frozen parameters placed with their shardings, as the extra step argument (or ())."""
+    if self.frozen is None:
+      return ()
+    return (jax.device_put(self.frozen, self.frozen_shardings()),)
+
   def compiled_step(self):
     shardings = self.state_shardings()
-    step = make_train_step(self.loss_fn, self.tx, self.c.ema_decay)
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(self.mesh),
-                                       sharding.replicated(self.mesh)),
+    with_frozen = self.frozen is not None
+    step = make_train_step(self.loss_fn, self.tx, self.c.ema_decay, with_frozen)
+    ins = (shardings, sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh))
+    if with_frozen:
+      ins = ins + (self.frozen_shardings(),)
+    return jax.jit(step, in_shardings=ins,
                    out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def _check_config(self, manager: ocp.CheckpointManager) -> None:
@@ -226,6 +246,7 @@ class Trainer:
       state = self.restore(manager, start)
       logging.info('resumed from the checkpoint at step %d in %s', start, self.ckpt_dir)
     step_fn = self.compiled_step()
+    frozen = self.put_frozen()
     writer = summary.SummaryWriter(os.path.join(self.workdir, 'tensorboard'), enabled=self.is_main)
     pending: list[tuple[int, dict]] = []  # device metrics not yet read (reading blocks dispatch)
     history: list[float] = []
@@ -233,7 +254,7 @@ class Trainer:
     try:
       for i in range(start, c.num_steps):
         batch = sharding.put_batch(self.batch_fn(i), self.mesh)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, i))
+        state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, i), *frozen)
         pending.append((i + 1, metrics))
         done = i + 1
         save = done % c.checkpoint_every == 0 or done == c.num_steps
