@@ -40,6 +40,24 @@ def test_tiny_run(tmp_path):
   lp = lora.load(tmp_path / 'lora', pipe.unet_params)
   assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
       res['lora_parameters']
+  # launch/evaluate_unlearning.py on this run: plain and attacked DSR, preservation.
+  out = tmp_path / 'eval'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'evaluate_unlearning.py'),
+       f'--config={os.path.join(ROOT, "configs", "duo", "evaluate.py")}:quick',
+       f'--config.runs={tmp_path}', f'--workdir={out}'], capture_output=True, text=True,
+      timeout=900, cwd=ROOT, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ev = json.loads((out / 'results.json').read_text())
+  run = ev['runs'][str(tmp_path)]
+  # Same prompts, noise and steps as train_duo's own evaluation: the same numbers.
+  for side, got in (('base', ev['base']), ('unlearned', run)):
+    for k in ('defence_success_rate', 'other_digits_accuracy'):
+      assert got[k] == res[side][k], (side, k)
+  for k in ('defence_success_rate', 'defence_success_rate_attack', 'other_digits_accuracy'):
+    assert 0 <= run[k] <= 1, k
+  assert run['mean_abs_diff_to_base'] > 0 and run['attack']['moved'] > 0
+  assert (out / 'tradeoff.png').is_file() and (out / 'table.md').is_file()
 
 
 _EIGHT = textwrap.dedent('''
