@@ -76,11 +76,12 @@ def countdown_errors(x) -> float:
 
 def countdown_errors_official(x) -> float:
   """The official metric (`check_err` + `count_err_fn` of sony/jys dataset.py, read at commit
-  edd7c07), re-implemented from its logic: the first token counts as correct; then, for each next token, if the previous
-  number is 0 the token counts as correct and becomes the previous number; otherwise it is checked
-  against previous - 1 and the previous number is RESET TO 0, so the token after a checked one is
-  never checked. Only about every other transition is tested and errors are undercounted. Rate per
-  sequence = unchecked-or-wrong / L (the first token included), averaged over sequences."""
+  edd7c07), re-implemented from its logic: the first token counts as correct; then, for each next
+  token, if the previous number is 0 the token counts as correct and becomes the previous number;
+  otherwise it is checked against previous - 1 and the previous number is RESET TO 0, so the token
+  after a checked one is never checked. Only about every other transition is tested and errors
+  are undercounted. Rate per sequence = wrong checked tokens / L (the first token included in L),
+  averaged over sequences."""
   x = _check_sequences(x).astype(np.int64)
   prev = x[:, 0]
   errors = np.zeros(len(x), np.int64)
