@@ -193,11 +193,18 @@ def load_params(path: str, abstract: Mapping, what: str) -> dict:
 def save(folder: str, params: Mapping, config: ClassifierConfig,
          results: Mapping[str, Any] | None = None) -> None:
   """Writes `config.json`, `model.safetensors` and (if given) `results.json` into `folder`."""
-  os.makedirs(folder, exist_ok=True)
   if isinstance(config, Mapping):
     config = ClassifierConfig.from_dict(config)
+  save_folder(folder, params, config.to_dict(), results)
+
+
+def save_folder(folder: str, params: Mapping, config: Mapping,
+                results: Mapping[str, Any] | None = None) -> None:
+  """The model-folder layout shared by the small project-trained models: `config.json` (the
+  config dict), `model.safetensors` (flat '/'-joined names) and, if given, `results.json`."""
+  os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, CONFIG), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    json.dump(dict(config), f, indent=2, sort_keys=True)
   safetensors.numpy.save_file(flatten_params(params), os.path.join(folder, WEIGHTS))
   if results is not None:
     with open(os.path.join(folder, RESULTS), 'w') as f:

@@ -31,9 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from diffgeo_jax.digits.classifier import flatten_params, load_params
+from diffgeo_jax.digits.classifier import load_params, save_folder
 from diffgeo_jax.discrete import processes
 
 WEIGHTS = 'model.safetensors'
@@ -263,15 +262,9 @@ def loss(model: Transformer, params, x0, key: jax.Array, process: processes.Abso
 def save(folder: str, params: Mapping, config: TransformerConfig,
          results: Mapping[str, Any] | None = None) -> None:
   """Writes `config.json`, `model.safetensors` and (if given) `results.json` into `folder`."""
-  os.makedirs(folder, exist_ok=True)
   if isinstance(config, Mapping):
     config = TransformerConfig.from_dict(config)
-  with open(os.path.join(folder, CONFIG), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  safetensors.numpy.save_file(flatten_params(params), os.path.join(folder, WEIGHTS))
-  if results is not None:
-    with open(os.path.join(folder, RESULTS), 'w') as f:
-      json.dump(dict(results), f, indent=2)
+  save_folder(folder, params, config.to_dict(), results)
 
 
 def load(folder: str) -> tuple[Transformer, dict, TransformerConfig]:

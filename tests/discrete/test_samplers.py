@@ -11,19 +11,7 @@ from absl.testing import parameterized
 
 from diffgeo_jax.discrete import processes, samplers, toy
 
-V, L = 3, 3
-PROCS = {
-    'absorbing': processes.Absorbing(V),
-    'absorbing_geometric': processes.Absorbing(V, processes.Geometric(1e-3, 5.0)),
-    'uniform': processes.Uniform(V),
-    'uniform_geometric': processes.Uniform(V, processes.Geometric(1e-3, 5.0)),
-}
-NAMED = [dict(testcase_name=k, name=k) for k in PROCS]
-
-
-def correlated():
-  trans = np.array([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
-  return toy.markov([0.2, 0.3, 0.5], trans, L)
+from tests.discrete.test_toy import NAMED, PROCS, L, V, correlated  # the same toys
 
 
 def frequencies(tokens, shape):
