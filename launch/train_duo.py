@@ -42,6 +42,8 @@ from diffgeo_jax.training import lora, losses, sharding, trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
+CONDITIONS = ('empty', 'prompt', 'mixed')
+
 _DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU pods).')
 
@@ -52,11 +54,21 @@ def concept_prompts(config, n: int) -> list[str]:
   return [f'a {colours[i % len(colours)]} digit {config.data.concept}' for i in range(n)]
 
 
+def safe_prompts(config, prompts: list[str]) -> list[str]:
+  """The SDEdit prompt of each pair: `data.safe_prompt` with {colour} the unsafe prompt's colour
+  and {other} the digits other than the concept in turn (balanced replacements)."""
+  concept = dataset.DIGIT_WORDS.index(config.data.concept)
+  others = [w for i, w in enumerate(dataset.DIGIT_WORDS) if i != concept]
+  return [config.data.safe_prompt.format(colour=p.split()[1], other=others[i % len(others)])
+          for i, p in enumerate(prompts)]
+
+
 def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
   """(unsafe, safe) image pairs in [0, 1], each side gated by the detector; see the module doc."""
   d = config.data
   concept = dataset.DIGIT_WORDS.index(d.concept)
   prompts = concept_prompts(config, d.num_pairs)
+  safe_texts = safe_prompts(config, prompts)
   unsafe = np.zeros((d.num_pairs,) + tuple(pipeline.default_image_size(pipe)) + (3,), np.float32)
   safe = np.zeros_like(unsafe)
   todo = np.arange(d.num_pairs)
@@ -78,9 +90,8 @@ def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
     if not len(todo):
       break
     key, k = jax.random.split(key)
-    colours = [prompts[i].split()[1] for i in todo]
     imgs = np.asarray(pipeline.image_to_image(
-        pipe, unsafe[todo], [d.safe_prompt.format(colour=c) for c in colours], k,
+        pipe, unsafe[todo], [safe_texts[i] for i in todo], k,
         strength=d.safe_strength, num_steps=d.num_steps, guidance_scale=d.guidance_scale,
         negative_prompts=[prompts[i] for i in todo]))
     ok = scorer.predict(imgs * 2 - 1) != concept
@@ -89,7 +100,8 @@ def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
   if len(todo):
     raise RuntimeError(f'{len(todo)} of {d.num_pairs} SDEdit images kept the concept in '
                        f'{d.max_attempts} attempts; raise data.safe_strength')
-  return {'unsafe': unsafe, 'safe': safe, 'prompts': np.array(prompts)}
+  return {'unsafe': unsafe, 'safe': safe, 'prompts': np.array(prompts),
+          'safe_prompts': np.array(safe_texts)}
 
 
 class Job:
@@ -113,8 +125,14 @@ class Job:
         os.makedirs(workdir, exist_ok=True)
         np.savez(path, **pairs)
     self.pairs = pairs
-    # Every branch is conditioned on the empty prompt, as the official code.
-    self.context = np.asarray(pipeline.encode_prompts(self.pipe, ['']))[0]
+    # The conditioning of every branch (`duo.condition`): 'empty' is the official code (prompt-
+    # agnostic unlearning); 'prompt' is its unused --given_prompt option (each pair under its
+    # unsafe prompt); 'mixed' draws one of the two per pair and step.
+    if config.duo.condition not in CONDITIONS:
+      raise ValueError(f'duo.condition must be one of {CONDITIONS}, got {config.duo.condition!r}')
+    self.empty = np.asarray(pipeline.encode_prompts(self.pipe, ['']))[0]
+    self.prompted = np.asarray(pipeline.encode_prompts(self.pipe, [str(p) for p in
+                                                                   pairs['prompts']]))
     c = config.duo
     self.learning_rate, self.prior_weight = losses.duo_hyperparameters(
         c.base_learning_rate, c.base_prior_weight, c.beta)
@@ -138,9 +156,13 @@ class Job:
     rows = c.batch_size // jax.process_count()
     rng = np.random.default_rng([c.seed, step, jax.process_index()])
     idx = rng.integers(0, len(self.pairs['unsafe']), rows)
+    condition = self.config.duo.condition
+    prompted = (np.ones(rows, bool) if condition == 'prompt' else
+                rng.random(rows) < 0.5 if condition == 'mixed' else np.zeros(rows, bool))
+    context = np.where(prompted[:, None, None], self.prompted[idx], self.empty[None])
     return {'positive': self.pairs['safe'][idx] * 2 - 1,
             'negative': self.pairs['unsafe'][idx] * 2 - 1,
-            'context': np.repeat(self.context[None], rows, 0)}
+            'context': context.astype(self.empty.dtype)}
 
 
 def evaluate(job: Job, unet_params, config) -> dict:

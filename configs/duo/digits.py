@@ -20,12 +20,13 @@ def get_config(arg=None):
   config.pipeline_dir = ''  # '' = the shipped digits pipeline
   config.classifier_dir = ''  # '' = the shipped digits classifier (the detector)
   config.data = ml_collections.ConfigDict(dict(
-      concept='eight', num_pairs=64, safe_prompt='a {colour} digit', safe_strength=0.75,
+      concept='eight', num_pairs=64, safe_prompt='a {colour} digit {other}', safe_strength=0.75,
       num_steps=30, guidance_scale=1.5, max_attempts=20, seed=42))
   config.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0,
                                                targets=r'attn1/to_(q|k|v|out_0)$'))
   config.duo = ml_collections.ConfigDict(dict(
-      beta=500.0, base_learning_rate=3e-4, base_prior_weight=1e6, t_min=1, t_max=750))
+      beta=500.0, base_learning_rate=3e-4, base_prior_weight=1e6, t_min=1, t_max=750,
+      condition='empty'))
   config.mesh = ml_collections.ConfigDict(dict(model=1))  # > 1: FSDP over the 'model' axis
 
   config.train = trainer.default_train_config()

@@ -45,6 +45,16 @@ AD_SCORES_PER_CHUNK = 2 ** 16
 MIN_AD_QUERY_CHUNK = 8
 AD_UNCHUNKED_SCORES = 2 ** 18
 
+# GPUs and TPUs have no cache for chunks to fit in, and a `lax.map` over chunks serialises work
+# the chip would do at once: with the CPU budgets a DUO step on the SD-1.5 UNet ran 4x slower
+# than diffusers on an H100 (BENCHMARKS.md). There the only limit is memory: one chunk of at
+# most this many scores (1 GiB in float32), forward and derivatives alike.
+ACCELERATOR_SCORES_PER_CHUNK = 2 ** 28
+
+
+def _on_accelerator() -> bool:
+  return jax.default_backend() != 'cpu'
+
 
 def score_budget(lk: int) -> int:
   """Scores per query chunk of the forward pass for keys of length `lk`."""
@@ -52,13 +62,16 @@ def score_budget(lk: int) -> int:
 
 
 def forward_chunks(b: int, lq: int, h: int, lk: int) -> tuple[int, int]:
-  """(heads, queries) per chunk of the forward pass: all heads, queries up to `score_budget`."""
-  return h, min(lq, max(1, score_budget(lk) // (b * h * lk)))
+  """(heads, queries) per chunk of the forward pass: all heads, queries up to `score_budget`
+  (`ACCELERATOR_SCORES_PER_CHUNK` off the CPU)."""
+  budget = ACCELERATOR_SCORES_PER_CHUNK if _on_accelerator() else score_budget(lk)
+  return h, min(lq, max(1, budget // (b * h * lk)))
 
 
 def ad_chunks(b: int, lq: int, h: int, lk: int) -> tuple[int, int]:
-  """(heads, queries) per chunk under differentiation (see AD_SCORES_PER_CHUNK)."""
-  if h * lq * lk <= AD_UNCHUNKED_SCORES:
+  """(heads, queries) per chunk under differentiation (see AD_SCORES_PER_CHUNK; off the CPU the
+  forward's chunks)."""
+  if h * lq * lk <= AD_UNCHUNKED_SCORES or _on_accelerator():
     return forward_chunks(b, lq, h, lk)
   rows = max(1, AD_SCORES_PER_CHUNK // (b * lk))  # (head, query) rows per chunk
   heads = h if rows >= h * MIN_AD_QUERY_CHUNK else 1

@@ -125,6 +125,15 @@ def test_chunk_rules_for_stable_diffusion_shapes():
   assert attention.ad_chunks(64, 64, 4, 64) == attention.forward_chunks(64, 64, 4, 64) == (4, 64)
 
 
+def test_accelerator_chunks_are_memory_bound_only():
+  # Off the CPU only the score tensor's size limits a chunk, and derivatives use the same chunks.
+  with mock.patch.object(attention, '_on_accelerator', return_value=True):
+    assert attention.forward_chunks(1, 4096, 8, 4096) == (8, 4096)  # 2^27 scores: one chunk
+    assert attention.ad_chunks(1, 4096, 8, 4096) == (8, 4096)
+    assert attention.forward_chunks(3, 4096, 8, 4096) == (8, 2 ** 28 // (3 * 8 * 4096))
+    assert attention.ad_chunks(64, 1024, 8, 1024) == (8, 512)
+
+
 def test_mask_and_jax_impl(qkv):
   q, k, v = qkv
   mask = np.tril(np.ones((37, 29), bool))[None, None]
