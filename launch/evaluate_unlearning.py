@@ -1,5 +1,6 @@
 r"""Evaluate DUO unlearning runs: defence against plain prompts and a learned-embedding attack,
-and preservation of everything else; several runs (a beta sweep) as one trade-off plot.
+and preservation of everything else; several runs (a sweep of beta or of the variants) as one
+trade-off plot.
 
     python launch/evaluate_unlearning.py --config=configs/duo/evaluate.py \
       --config.runs=/tmp/duo_b100,/tmp/duo_b250,/tmp/duo_b500 --workdir=/tmp/duo_eval
@@ -16,7 +17,8 @@ from the same noise:
   digits (classifier features), and the mean absolute pixel difference to the base model's samples
   for the same prompts and noise.
 
-Writes to --workdir: `config.json`, `results.json`, `table.md`, `tradeoff.png`.
+Writes to --workdir: `config.json`, `results.json`, `table.md`, `tradeoff.png` and
+`samples_<run>.png` (base, unlearned and attacked samples from the same noise).
 """
 
 from __future__ import annotations
@@ -26,82 +28,17 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
-from flax import core, traverse_util
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models
-from diffgeo_jax.diffusion import pipeline, schedules
+from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.digits import dataset, metrics
-from diffgeo_jax.training import lora
+from diffgeo_jax.training import embedding_attack, lora
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/evaluate.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
-
-EMBEDDING = ('text_model', 'embeddings', 'token_embedding', 'embedding')
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def with_row(text_params, token_id: int, row):
-  """The text-encoder parameters with row `token_id` of the token-embedding table replaced."""
-  flat = traverse_util.flatten_dict(core.unfreeze(text_params))
-  flat[EMBEDDING] = flat[EMBEDDING].at[token_id].set(row)
-  return traverse_util.unflatten_dict(flat)
-
-
-def concept_token(pipe, concept: str) -> int:
-  ids = pipe.tokenizer([concept]).input_ids[0]
-  if len(ids) != 3:  # BOS, the word, EOS
-    raise ValueError(f'the concept {concept!r} must be one token of the tokenizer, got {ids}')
-  return int(ids[1])
-
-
-def learn_embedding(pipe, unet_params, images, prompts, token_id, config, key):
-  """The attack: the concept token's embedding that makes the (unlearned) UNet denoise the
-  concept's images well under their prompts. images (N, H, W, C) in [0, 1]."""
-  a = config.attack
-  schedule = schedules.from_diffusers_config(pipe.scheduler_config)
-  limit = pipeline.max_prompt_tokens(pipe)
-  ids = jnp.asarray(pipe.tokenizer(list(prompts), padding='max_length', max_length=limit,
-                                   return_tensors='np').input_ids, jnp.int32)
-  x0 = jnp.asarray(images) * 2 - 1
-  text_params = pipe.text_encoder_params
-  row0 = _get(text_params, EMBEDDING)[token_id]
-  tx = optax.adam(a.learning_rate)
-
-  def loss_fn(row, key):
-    k_idx, k_t, k_n = jax.random.split(key, 3)
-    idx = jax.random.randint(k_idx, (a.batch_size,), 0, x0.shape[0])
-    ctx = pipe.text_encoder.apply({'params': with_row(text_params, token_id, row)},
-                                  ids[idx]).last_hidden_state
-    t = jax.random.randint(k_t, (a.batch_size,), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_n, x0[idx].shape)
-    eps = pipe.unet.apply({'params': unet_params}, schedule.add_noise(x0[idx], noise, t), t, ctx)
-    return jnp.mean((eps - noise) ** 2)
-
-  @jax.jit
-  def step(row, opt_state, key):
-    loss, g = jax.value_and_grad(loss_fn)(row, key)
-    updates, opt_state = tx.update(g, opt_state, row)
-    return optax.apply_updates(row, updates), opt_state, loss
-
-  row, opt_state = row0, tx.init(row0)
-  losses = []
-  for i in range(a.steps):
-    row, opt_state, loss = step(row, opt_state, jax.random.fold_in(key, i))
-    losses.append(float(loss))
-  k = max(1, a.steps // 10)
-  return row, {'loss_first': float(np.mean(losses[:k])), 'loss_last': float(np.mean(losses[-k:])),
-               'moved': float(jnp.linalg.norm(row - row0) / jnp.linalg.norm(row0))}
-
 
 def score(pipe, scorer, config, concept: int, reference_feats, base_other=None) -> dict:
   """DSR on the concept prompts and preservation on the other digits, from fixed noise."""
@@ -123,7 +60,7 @@ def score(pipe, scorer, config, concept: int, reference_feats, base_other=None) 
          'frechet_distance_other_digits': metrics.frechet_distance(feats, reference_feats)}
   if base_other is not None:
     out['mean_abs_diff_to_base'] = float(np.mean(np.abs(other_imgs - base_other)))
-  return out, other_imgs
+  return out, (concept_imgs, other_imgs)
 
 
 def main(argv):
@@ -144,40 +81,58 @@ def main(argv):
   pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
   scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
   concept = dataset.DIGIT_WORDS.index(config.concept)
-  token_id = concept_token(pipe, config.concept)
+  token_id = embedding_attack.concept_token(pipe, config.concept)
   test = dataset.load('test')
   keep = test.digits != concept
   rng = np.random.default_rng(0)
   real = dataset.render(test.strokes[keep], rng.integers(0, len(dataset.COLOURS), keep.sum()))
   reference = scorer.features(real)
 
-  base, base_other = score(pipe, scorer, config, concept, reference)
+  base, (base_concept, base_other) = score(pipe, scorer, config, concept, reference)
   results = {'base': base, 'runs': {}}
   logging.info('base: %s', base)
   for r in runs:
     with open(os.path.join(r, 'results.json')) as f:
       beta = json.load(f)['beta']
+    with open(os.path.join(r, 'config.json')) as f:
+      duo = json.load(f).get('duo', {})
+    variant = {'condition': duo.get('condition', 'empty'),
+               'retain_weight': duo.get('retain_weight', 0.0),
+               'adversarial_every': duo.get('adversarial', {}).get('every', 0)}
     unet = lora.merge(pipe.unet_params, lora.load(os.path.join(r, 'lora'), pipe.unet_params))
     unlearned = dataclasses.replace(pipe, unet_params=unet)
-    plain, _ = score(unlearned, scorer, config, concept, reference, base_other)
+    plain, (plain_concept, plain_other) = score(unlearned, scorer, config, concept, reference,
+                                                base_other)
     pairs = np.load(os.path.join(r, 'pairs.npz'))
-    row, attack_log = learn_embedding(pipe, unet, pairs['unsafe'], pairs['prompts'], token_id,
-                                      config, jax.random.key(config.attack.seed))
+    a = config.attack
+    row, attack_log = embedding_attack.learn_embedding(
+        pipe, unet, pairs['unsafe'], pairs['prompts'], token_id, jax.random.key(a.seed),
+        steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size)
     attacked = dataclasses.replace(
-        unlearned, text_encoder_params=with_row(pipe.text_encoder_params, token_id, row))
-    under_attack, _ = score(attacked, scorer, config, concept, reference)
-    results['runs'][r] = {'beta': beta, **plain,
+        unlearned, text_encoder_params=embedding_attack.with_row(pipe.text_encoder_params,
+                                                                token_id, row))
+    under_attack, (attacked_concept, _) = score(attacked, scorer, config, concept, reference)
+    label = os.path.basename(os.path.normpath(r))
+    per = config.eval.samples_per_digit  # one sample of every other digit
+    _samples_figure(os.path.join(workdir, f'samples_{label}.png'), [
+        ('base', base_concept, base_other[::per]),
+        ('unlearned', plain_concept, plain_other[::per]),
+        ('unlearned + attack', attacked_concept, None)])
+    results['runs'][r] = {'label': label, 'beta': beta,
+                          **variant, **plain,
                           'defence_success_rate_attack': under_attack['defence_success_rate'],
                           'attack': attack_log}
     logging.info('%s (beta %s): %s', r, beta, results['runs'][r])
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-  lines = ['| model | beta | DSR plain | DSR attack | other digits accuracy | Frechet (other digits) '
-           '| mean abs diff to base |', '|---|---|---|---|---|---|---|',
-           f'| base | - | {base["defence_success_rate"]:.2f} | - | '
+  lines = ['| run | beta | condition | retain weight | adversarial every | DSR plain | DSR attack '
+           '| other digits accuracy | Frechet (other digits) | mean abs diff to base |',
+           '|---|---|---|---|---|---|---|---|---|---|',
+           f'| base | - | - | - | - | {base["defence_success_rate"]:.2f} | - | '
            f'{base["other_digits_accuracy"]:.3f} | {base["frechet_distance_other_digits"]:.1f} | 0 |']
-  for r, v in sorted(results['runs'].items(), key=lambda kv: kv[1]['beta']):
-    lines.append(f'| DUO | {v["beta"]:g} | {v["defence_success_rate"]:.2f} | '
+  for r, v in results['runs'].items():
+    lines.append(f'| {v["label"]} | {v["beta"]:g} | {v["condition"]} | {v["retain_weight"]:g} | '
+                 f'{v["adversarial_every"]} | {v["defence_success_rate"]:.2f} | '
                  f'{v["defence_success_rate_attack"]:.2f} | {v["other_digits_accuracy"]:.3f} | '
                  f'{v["frechet_distance_other_digits"]:.1f} | {v["mean_abs_diff_to_base"]:.4f} |')
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
@@ -186,24 +141,56 @@ def main(argv):
   logging.info('done:\n%s', '\n'.join(lines))
 
 
-def _plot(results, path):
+def _samples_figure(path, rows, n: int = 10):
+  """One row per model: its first n concept samples, then its first n other-digit samples (the
+  same noise in every row)."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  runs = sorted(results['runs'].values(), key=lambda v: v['beta'])
-  fig, ax = plt.subplots(figsize=(4.6, 3.6))
-  acc = [v['other_digits_accuracy'] for v in runs]
-  ax.plot(acc, [v['defence_success_rate'] for v in runs], 'o-', label='plain prompts')
-  ax.plot(acc, [v['defence_success_rate_attack'] for v in runs], 's--', label='embedding attack')
-  for v in runs:
-    ax.annotate(f'beta {v["beta"]:g}', (v['other_digits_accuracy'], v['defence_success_rate']),
-                fontsize=7, textcoords='offset points', xytext=(4, 4))
+
+  def strip(imgs):
+    if imgs is None:
+      return None
+    imgs = imgs[:n]
+    return np.concatenate(list(imgs), axis=1)
+
+  fig, axes = plt.subplots(len(rows), 2, figsize=(2 * 0.6 * n, 0.75 * len(rows) + 0.4),
+                           squeeze=False)
+  for i, (name, concept_imgs, other_imgs) in enumerate(rows):
+    for j, (imgs, what) in enumerate(((concept_imgs, 'concept prompts'),
+                                      (other_imgs, 'other digits'))):
+      ax = axes[i, j]
+      ax.set_axis_off()
+      if imgs is not None:
+        ax.imshow(np.clip(strip(imgs), 0, 1))
+        ax.set_title(f'{name}: {what}', fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot(results, path):
+  """Every run as two points (plain prompts, under the attack) joined by a line, labelled."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(5.6, 4.0))
+  for i, v in enumerate(results['runs'].values()):
+    x = v['other_digits_accuracy']
+    ax.plot([x, x], [v['defence_success_rate'], v['defence_success_rate_attack']], '-',
+            color=f'C{i % 10}', lw=0.8)
+    ax.plot([x], [v['defence_success_rate']], 'o', color=f'C{i % 10}',
+            label='plain prompts' if i == 0 else None)
+    ax.plot([x], [v['defence_success_rate_attack']], 's', mfc='none', color=f'C{i % 10}',
+            label='embedding attack' if i == 0 else None)
+    ax.annotate(v['label'], (x, v['defence_success_rate']), fontsize=6,
+                textcoords='offset points', xytext=(4, 2))
   ax.plot([results['base']['other_digits_accuracy']], [results['base']['defence_success_rate']],
           'k*', label='base')
   ax.set_xlabel('other digits accuracy (preservation)')
   ax.set_ylabel('defence success rate')
-  ax.set_ylim(-0.02, 1.02)
-  ax.legend(fontsize=7)
+  ax.set_ylim(-0.02, 1.05)
+  ax.legend(fontsize=7, loc='lower left')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -2,21 +2,33 @@ r"""DUO (arXiv 2407.21035): unlearn a concept from a text-to-image model with a 
 preference optimisation on (unsafe, safe) image pairs.
 
     python launch/train_duo.py --config=configs/duo/digits.py --workdir=/tmp/duo_digits
+    python launch/train_duo.py --config=configs/duo/sd14.py --config.pipeline_dir=/ckpt/sd-v1-4 \
+      --workdir=/data/duo_sd14 --jax_distributed   # a TPU pod
 
-Steps (the official `naver-ai/DUO` pipeline, on the digits world):
-1. Pairs. Unsafe images: the pipeline samples "a <colour> digit <concept>" and the detector (the
-   digits classifier) keeps those it reads as the concept, resampling the rest. Safe counterparts:
-   SDEdit of each unsafe image (`data.safe_strength`) with `data.safe_prompt` and the unsafe
-   prompt as the negative prompt, kept when the detector no longer reads the concept. Cached in
-   `workdir/pairs.npz` (a resumed run reuses them).
+Steps (the official `naver-ai/DUO` pipeline):
+1. Pairs. Unsafe images: the pipeline samples `data.prompts` (in turn) and the detector keeps
+   those that show the concept, resampling the rest. Safe counterparts: SDEdit of each unsafe image
+   (`data.safe_strength`) with `data.safe_prompts` (in turn) and the unsafe prompt as the negative
+   prompt, kept when the detector no longer sees the concept. The detector is the digits
+   classifier (`detector='digits'`), or none (`'none'`, no gating, as the official violence
+   data; NudeNet is not available in JAX). Cached in `workdir/pairs.npz` (a resumed run reuses
+   them). A latent pipeline (SD) trains on one VAE posterior sample per image.
 2. Training: `losses.duo_loss` on the LoRA factors (the base UNet is the frozen reference, passed to
    the step, sharded by the same rules: `mesh.model` > 1 shards parameters FSDP-style over the
    `model` axis), one jit-compiled step with shardings over the mesh, orbax checkpoints with resume
    (`training.trainer.Trainer`). lr and the prior weight follow beta as in the official scripts.
-3. A first evaluation with the same noise for the base and the unlearned model: the defence
-   success rate on the concept's prompts (detector does not read the concept), the accuracy on the
-   other digits, and the mean absolute pixel difference between base and unlearned samples of the
-   other digits. (`launch/evaluate_unlearning.py`, with the embedding attack, is to come.)
+   `duo.condition` picks the text conditioning of every branch: 'empty' (the official code),
+   'prompt' (each pair under its unsafe prompt) or 'mixed' (either, per pair and step).
+   `duo.adversarial.every` > 0 (beyond the paper, as adversarial unlearning does) trains in
+   rounds: after each, the learned-embedding attack against the current LoRA, whose embedding
+   then joins the prompted branches' conditioning.
+   `duo.retain_weight` > 0 (beyond the paper) adds `losses.duo_loss`'s retain term on the base
+   model's own samples of `data.retain_prompts` (cached in pairs.npz as well).
+3. With the digits detector, a first evaluation with the same noise for the base and the unlearned
+   model: the defence success rate on the concept's prompts (detector does not read the concept),
+   the accuracy on the other digits, and the mean absolute pixel difference between base and
+   unlearned samples of the other digits. `launch/evaluate_unlearning.py` adds the embedding attack
+   and the Frechet distance.
 
 Writes to --workdir: `config.json`, `pairs.npz`, `checkpoints/`, `tensorboard/`, `lora/`
 (`pytorch_lora_weights.safetensors`, loadable by diffusers) and `results.json`.
@@ -30,6 +42,7 @@ import shlex
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,7 +50,7 @@ from ml_collections import config_flags
 from diffgeo_jax import digits, models
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset, metrics
-from diffgeo_jax.training import lora, losses, sharding, trainer
+from diffgeo_jax.training import embedding_attack, lora, losses, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
@@ -48,38 +61,53 @@ _DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 
-def concept_prompts(config, n: int) -> list[str]:
-  """n prompts "a <colour> digit <concept>", colours in turn."""
-  colours = dataset.COLOURS
-  return [f'a {colours[i % len(colours)]} digit {config.data.concept}' for i in range(n)]
+def cycled(prompts, n: int) -> list[str]:
+  """n prompts: `prompts` (a list from the config) in turn."""
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError('the config lists no prompts (data.prompts and data.safe_prompts)')
+  return [str(prompts[i % len(prompts)]) for i in range(n)]
 
 
-def safe_prompts(config, prompts: list[str]) -> list[str]:
-  """The SDEdit prompt of each pair: `data.safe_prompt` with {colour} the unsafe prompt's colour
-  and {other} the digits other than the concept in turn (balanced replacements)."""
-  concept = dataset.DIGIT_WORDS.index(config.data.concept)
-  others = [w for i, w in enumerate(dataset.DIGIT_WORDS) if i != concept]
-  return [config.data.safe_prompt.format(colour=p.split()[1], other=others[i % len(others)])
-          for i, p in enumerate(prompts)]
+class Detector:
+  """Reads whether images show the concept: the digits classifier (`detector='digits'`, the
+  concept a digit word), or nothing (`'none'`: every image passes, as the official violence data)."""
+
+  def __init__(self, config):
+    if config.detector not in ('digits', 'none'):
+      raise ValueError(f"detector must be 'digits' or 'none', got {config.detector!r}")
+    self.scorer = None
+    if config.detector == 'digits':
+      if config.data.concept not in dataset.DIGIT_WORDS:
+        raise ValueError(f'data.concept must be a digit word {dataset.DIGIT_WORDS} for the digits '
+                         f'detector, got {config.data.concept!r}')
+      self.concept = dataset.DIGIT_WORDS.index(config.data.concept)
+      self.scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+
+  def shows_concept(self, images) -> np.ndarray | None:
+    """(N,) booleans for images in [0, 1]; None without a detector."""
+    if self.scorer is None:
+      return None
+    return self.scorer.predict(np.asarray(images) * 2 - 1) == self.concept
 
 
-def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
+def make_pairs(pipe, detector: Detector, config, key) -> dict[str, np.ndarray]:
   """(unsafe, safe) image pairs in [0, 1], each side gated by the detector; see the module doc."""
   d = config.data
-  concept = dataset.DIGIT_WORDS.index(d.concept)
-  prompts = concept_prompts(config, d.num_pairs)
-  safe_texts = safe_prompts(config, prompts)
-  unsafe = np.zeros((d.num_pairs,) + tuple(pipeline.default_image_size(pipe)) + (3,), np.float32)
+  prompts, safe_texts = cycled(d.prompts, d.num_pairs), cycled(d.safe_prompts, d.num_pairs)
+  h, w = pipeline.default_image_size(pipe) if not d.image_size else (d.image_size,) * 2
+  unsafe = np.zeros((d.num_pairs, h, w, 3), np.float32)
   safe = np.zeros_like(unsafe)
+  kw = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale)
   todo = np.arange(d.num_pairs)
   for attempt in range(d.max_attempts):
     if not len(todo):
       break
     key, k = jax.random.split(key)
-    imgs = np.asarray(pipeline.text_to_image(pipe, [prompts[i] for i in todo], k,
-                                             num_steps=d.num_steps,
-                                             guidance_scale=d.guidance_scale))
-    ok = scorer.predict(imgs * 2 - 1) == concept
+    imgs = _batched(lambda idx, kk: pipeline.text_to_image(
+        pipe, [prompts[i] for i in idx], kk, height=h, width=w, **kw), todo, k, d.generation_batch)
+    hit = detector.shows_concept(imgs)
+    ok = np.ones(len(todo), bool) if hit is None else hit
     unsafe[todo[ok]] = imgs[ok]
     todo = todo[~ok]
   if len(todo):
@@ -90,11 +118,11 @@ def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
     if not len(todo):
       break
     key, k = jax.random.split(key)
-    imgs = np.asarray(pipeline.image_to_image(
-        pipe, unsafe[todo], [safe_texts[i] for i in todo], k,
-        strength=d.safe_strength, num_steps=d.num_steps, guidance_scale=d.guidance_scale,
-        negative_prompts=[prompts[i] for i in todo]))
-    ok = scorer.predict(imgs * 2 - 1) != concept
+    imgs = _batched(lambda idx, kk: pipeline.image_to_image(
+        pipe, unsafe[idx], [safe_texts[i] for i in idx], kk, strength=d.safe_strength,
+        negative_prompts=[prompts[i] for i in idx], **kw), todo, k, d.generation_batch)
+    hit = detector.shows_concept(imgs)
+    ok = np.ones(len(todo), bool) if hit is None else ~hit
     safe[todo[ok]] = imgs[ok]
     todo = todo[~ok]
   if len(todo):
@@ -104,27 +132,58 @@ def make_pairs(pipe, scorer, config, key) -> dict[str, np.ndarray]:
           'safe_prompts': np.array(safe_texts)}
 
 
+def make_retain(pipe, config, key) -> dict[str, np.ndarray]:
+  """The retain set of `duo.retain_weight`: the base model's own samples of `data.retain_prompts`
+  (in turn, `data.num_retain` of them), images in [0, 1]."""
+  d = config.data
+  if d.num_retain <= 0:
+    raise ValueError(f'duo.retain_weight > 0 needs data.num_retain > 0, got {d.num_retain}')
+  prompts = cycled(d.retain_prompts, d.num_retain)
+  h, w = pipeline.default_image_size(pipe) if not d.image_size else (d.image_size,) * 2
+  imgs = _batched(lambda idx, kk: pipeline.text_to_image(
+      pipe, [prompts[i] for i in idx], kk, height=h, width=w, num_steps=d.num_steps,
+      guidance_scale=d.guidance_scale), np.arange(d.num_retain), key, d.generation_batch)
+  return {'retain': imgs.astype(np.float32), 'retain_prompts': np.array(prompts)}
+
+
+def _batched(generate, idx: np.ndarray, key: jax.Array, batch: int) -> np.ndarray:
+  """generate(indices, key) over `idx` in slices of at most `batch` (0 = all at once)."""
+  batch = batch or len(idx)
+  return np.concatenate([np.asarray(generate(idx[i:i + batch], jax.random.fold_in(key, i)))
+                         for i in range(0, len(idx), batch)])
+
+
 class Job:
   """The frozen base model, the pairs and the DUO loss of one config."""
 
   def __init__(self, config, workdir: str):
     self.config = config
     self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
-    if self.pipe.vae is not None:
-      raise ValueError('this launcher trains on pixel-space pipelines (the digits world); for a '
-                       'latent pipeline encode the pairs with the VAE first')
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
-    self.scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+    self.detector = Detector(config)
     path = os.path.join(workdir, 'pairs.npz')
     if os.path.exists(path):
       pairs = dict(np.load(path))
       logging.info('reusing the %d pairs in %s', len(pairs['unsafe']), path)
     else:
-      pairs = make_pairs(self.pipe, self.scorer, config, jax.random.key(config.data.seed))
+      pairs = make_pairs(self.pipe, self.detector, config, jax.random.key(config.data.seed))
       if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         np.savez(path, **pairs)
+    if config.duo.retain_weight > 0 and 'retain' not in pairs:
+      pairs.update(make_retain(self.pipe, config, jax.random.key(config.data.seed + 2)))
+      if jax.process_index() == 0:
+        np.savez(path, **pairs)
     self.pairs = pairs
+    # The UNet's inputs, once: 2x - 1 in pixel space; for a latent pipeline one sample of the VAE
+    # posterior per image (the official code draws a new one every step).
+    k_pos, k_neg = jax.random.split(jax.random.key(config.data.seed + 1))
+    b = config.data.generation_batch or len(pairs['unsafe'])
+    self.x_safe, self.x_unsafe = (
+        np.concatenate([np.asarray(pipeline.encode_images(self.pipe, x[i:i + b],
+                                                          jax.random.fold_in(k, i)))
+                        for i in range(0, len(x), b)])
+        for x, k in ((pairs['safe'], k_pos), (pairs['unsafe'], k_neg)))
     # The conditioning of every branch (`duo.condition`): 'empty' is the official code (prompt-
     # agnostic unlearning); 'prompt' is its unused --given_prompt option (each pair under its
     # unsafe prompt); 'mixed' draws one of the two per pair and step.
@@ -133,9 +192,23 @@ class Job:
     self.empty = np.asarray(pipeline.encode_prompts(self.pipe, ['']))[0]
     self.prompted = np.asarray(pipeline.encode_prompts(self.pipe, [str(p) for p in
                                                                    pairs['prompts']]))
+    self.adversarial: list[np.ndarray] = []  # the prompts under attacked embeddings (rounds)
+    if config.duo.retain_weight > 0:
+      self.x_retain = np.asarray(pipeline.encode_images(
+          self.pipe, pairs['retain'], jax.random.key(config.data.seed + 3)))
+      self.retain_context = np.asarray(pipeline.encode_prompts(
+          self.pipe, [str(p) for p in pairs['retain_prompts']]))
     c = config.duo
     self.learning_rate, self.prior_weight = losses.duo_hyperparameters(
         c.base_learning_rate, c.base_prior_weight, c.beta)
+
+  def add_adversarial_row(self, row) -> None:
+    """The unsafe prompts encoded with the concept token's embedding row replaced by `row`."""
+    token = embedding_attack.concept_token(self.pipe, self.config.data.concept)
+    pipe = dataclasses.replace(self.pipe, text_encoder_params=embedding_attack.with_row(
+        self.pipe.text_encoder_params, token, jnp.asarray(row)))
+    self.adversarial.append(np.asarray(pipeline.encode_prompts(
+        pipe, [str(p) for p in self.pairs['prompts']])))
 
   def eps_fn(self, params, x_t, t, context):
     return self.pipe.unet.apply({'params': params}, x_t, t, context)
@@ -148,7 +221,7 @@ class Job:
     c = self.config.duo
     return losses.duo_loss(self.eps_fn, base_params, lora_params, batch, key, self.schedule,
                            beta=c.beta, prior_weight=self.prior_weight, t_min=c.t_min,
-                           t_max=c.t_max)
+                           t_max=c.t_max, retain_weight=c.retain_weight)
 
   def batch_fn(self, step: int) -> dict:
     """This process's rows of step `step`: a function of (seed, step, process) alone."""
@@ -159,20 +232,27 @@ class Job:
     condition = self.config.duo.condition
     prompted = (np.ones(rows, bool) if condition == 'prompt' else
                 rng.random(rows) < 0.5 if condition == 'mixed' else np.zeros(rows, bool))
-    context = np.where(prompted[:, None, None], self.prompted[idx], self.empty[None])
-    return {'positive': self.pairs['safe'][idx] * 2 - 1,
-            'negative': self.pairs['unsafe'][idx] * 2 - 1,
-            'context': context.astype(self.empty.dtype)}
+    prompted_ctx = self.prompted[idx]
+    if self.adversarial:  # clean or one of the attacked embeddings, uniformly
+      pick = rng.integers(0, len(self.adversarial) + 1, rows)
+      prompted_ctx = np.stack([prompted_ctx[j] if pick[j] == 0 else
+                               self.adversarial[pick[j] - 1][idx[j]] for j in range(rows)])
+    context = np.where(prompted[:, None, None], prompted_ctx, self.empty[None])
+    batch = {'positive': self.x_safe[idx], 'negative': self.x_unsafe[idx],
+             'context': context.astype(self.empty.dtype)}
+    if self.config.duo.retain_weight > 0:
+      r = rng.integers(0, len(self.x_retain), rows)
+      batch.update(retain=self.x_retain[r], retain_context=self.retain_context[r])
+    return batch
 
 
 def evaluate(job: Job, unet_params, config) -> dict:
   """Base vs unlearned from the same noise: defence success rate on the concept's prompts, the
   other digits' accuracy, and the mean absolute difference of their samples."""
-  e = config.eval
-  concept = dataset.DIGIT_WORDS.index(config.data.concept)
+  e, scorer, concept = config.eval, job.detector.scorer, job.detector.concept
   others = [d for d in range(10) if d != concept]
   colours = dataset.COLOURS
-  prompts = concept_prompts(config, e.concept_samples)
+  prompts = cycled(config.data.prompts, e.concept_samples)
   other_prompts = [dataset.caption(d, colours[i % len(colours)])
                    for d in others for i in range(e.samples_per_digit)]
   other_digits = np.repeat(others, e.samples_per_digit)
@@ -185,13 +265,45 @@ def evaluate(job: Job, unet_params, config) -> dict:
     other_imgs = np.asarray(pipeline.text_to_image(pipe, other_prompts, key, num_steps=e.num_steps,
                                                    guidance_scale=e.guidance_scale))
     out[name] = {
-        'defence_success_rate': float(np.mean(job.scorer.predict(concept_imgs * 2 - 1) != concept)),
-        'other_digits_accuracy': metrics.digit_accuracy(job.scorer.predict(other_imgs * 2 - 1),
+        'defence_success_rate': float(np.mean(scorer.predict(concept_imgs * 2 - 1) != concept)),
+        'other_digits_accuracy': metrics.digit_accuracy(scorer.predict(other_imgs * 2 - 1),
                                                         other_digits),
         'other_images': other_imgs}
   out['mean_abs_diff_other_digits'] = float(np.mean(np.abs(out['base'].pop('other_images') -
                                                            out['unlearned'].pop('other_images'))))
   return out
+
+
+def adversarial_rounds(job: Job, run: trainer.Trainer, workdir: str):
+  """Training in rounds of `duo.adversarial.every` steps; after each, the learned-embedding attack
+  (`training.embedding_attack`, from the concept word's own row) against the current LoRA, and
+  the prompted branches go on under the clean or any attacked embedding so far. The rows are
+  kept in `workdir/adversarial_rows.npz` (a resumed run reuses them)."""
+  a, c = job.config.duo.adversarial, job.config.train
+  if jax.process_count() > 1:
+    raise NotImplementedError('duo.adversarial runs the attack on one process; multi-host runs '
+                              'are not supported')
+  if job.config.duo.condition == 'empty':
+    raise ValueError("duo.adversarial needs prompted branches: duo.condition 'prompt' or 'mixed'")
+  path = os.path.join(workdir, 'adversarial_rows.npz')
+  rows = dict(np.load(path)) if os.path.exists(path) else {}
+  for r in sorted(rows, key=int):
+    job.add_adversarial_row(rows[r])
+  token = embedding_attack.concept_token(job.pipe, job.config.data.concept)
+  for end in range(a.every, c.num_steps, a.every):
+    state, _ = run.run(until=end)
+    if str(end) in rows:
+      continue
+    unet = lora.merge(job.pipe.unet_params, jax.device_get(state.params))
+    row, log = embedding_attack.learn_embedding(
+        job.pipe, unet, job.pairs['unsafe'], job.pairs['prompts'], token,
+        jax.random.key(c.seed + end), steps=a.steps, learning_rate=a.learning_rate,
+        batch_size=a.batch_size)
+    logging.info('adversarial round at step %d: %s', end, log)
+    rows[str(end)] = np.asarray(row)
+    job.add_adversarial_row(rows[str(end)])
+    np.savez(path, **rows)
+  return run.run()
 
 
 def rules_of(config) -> tuple:
@@ -212,12 +324,17 @@ def main(argv):
   rules = rules_of(config)
   run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn, mesh=mesh,
                         rules=rules, frozen=job.pipe.unet_params)
-  state, result = run.run()
+  if config.duo.adversarial.every > 0:
+    state, result = adversarial_rounds(job, run, workdir)
+  else:
+    state, result = run.run()
   if jax.process_index() != 0:
     return
   lp = jax.device_get(state.params)  # the official code uses the raw LoRA (no EMA)
   lora.save(os.path.join(workdir, 'lora'), lp)
-  scores = evaluate(job, lora.merge(job.pipe.unet_params, lp), config)
+  scores = {}
+  if job.detector.scorer is not None:  # the evaluation is the digits world's
+    scores = evaluate(job, lora.merge(job.pipe.unet_params, lp), config)
   result = {**scores, 'training': result, 'beta': config.duo.beta,
             'learning_rate': job.learning_rate, 'prior_weight': job.prior_weight,
             'pairs': int(len(job.pairs['unsafe'])),

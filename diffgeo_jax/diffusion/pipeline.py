@@ -207,6 +207,12 @@ def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, gu
   return jax.jit(generate)
 
 
+def encode_images(pipe, images, key: jax.Array) -> jax.Array:
+  """Images (B, H, W, C) in [0, 1] -> the UNet's space: a sample of the VAE posterior times the
+  scaling factor (as diffusers training scripts), or 2 * images - 1 without a VAE."""
+  return _encode_images(pipe.vae, pipe.vae_params, jnp.asarray(images), key)
+
+
 @functools.partial(jax.jit, static_argnames=('vae',))
 def _encode_images(vae, vae_params, images, key):
   x = 2 * images - 1

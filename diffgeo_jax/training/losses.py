@@ -13,6 +13,11 @@ DUO (Direct Unlearning Optimization, arXiv 2407.21035) as its official code (`na
   * a data-free output-preserving term at t = T - 1 on pure noise x_T = eps:
         L_prior = mean (eps_policy(eps, T - 1) - eps_reference(eps, T - 1))^2,
     and the total is L_DUO + prior_weight * L_prior.
+Optional, beyond the paper: a retain term on images of what must not change (batch 'retain',
+e.g. the base model's own samples of other concepts, with 'retain_context'), noised at t ~ U[0, T):
+        L_retain = mean (eps_policy(x_t, t, c) - eps_reference(x_t, t, c))^2,
+added as retain_weight * L_retain. The data-free prior only pins pure noise at t = T; this pins
+the outputs on the retained concepts at every noise level.
 The reference model is the base parameters with the LoRA off -- no second copy of the weights:
 the policy is `lora.merge(params, lora_params)`, and the reference pass sees `params` under
 stop_gradient. The official scripts couple the learning rate and the prior weight to beta
@@ -69,12 +74,15 @@ EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 def duo_loss(eps_fn: EpsFn, params, lora_params, batch: dict, key: jax.Array,
              schedule: schedules.NoiseSchedule, *, beta: float, prior_weight: float = 0.0,
              t_min: int = 1, t_max: int = 750, lora_scale: float = 1.0,
-             matmul_precision: str | None = 'highest') -> tuple[jax.Array, dict]:
+             matmul_precision: str | None = 'highest',
+             retain_weight: float = 0.0) -> tuple[jax.Array, dict]:
   """The DUO objective and its logged parts, differentiable in `lora_params`.
 
   eps_fn(params, x_t, t (N,), context) -> eps (N, ...): the model (a UNet's apply).
   batch: 'positive' (B, ...) safe images (x+), 'negative' (B, ...) unsafe images (x-), 'context'
-  (B, ...) the text conditioning of every branch (the official code: the empty prompt).
+  (B, ...) the text conditioning of every branch (the official code: the empty prompt);
+  optionally 'retain' (R, ...) and 'retain_context' (R, ...) for the retain term (used when
+  retain_weight > 0; its draws come from fold_in(key, 2), so the DUO draws do not move).
   Timesteps: independent per sample of the pair in {t_min - 1, ..., min(t_max, T) - 1}.
   matmul_precision: for both model passes (`jax.default_matmul_precision`; None = the backend's
   default), see the module doc."""
@@ -98,6 +106,20 @@ def duo_loss(eps_fn: EpsFn, params, lora_params, batch: dict, key: jax.Array,
                          eps])  # the prior branch: pure noise at t = T - 1
   t_all = jnp.concatenate([t_pair, jnp.full((b,), num_t - 1, t_pair.dtype)])
   ctx_all = jnp.concatenate([ctx, ctx, ctx])
+  retain = retain_weight > 0
+  if retain:
+    if 'retain' not in batch or 'retain_context' not in batch:
+      raise ValueError('retain_weight > 0 needs batch keys retain and retain_context')
+    x_r, c_r = batch['retain'], batch['retain_context']
+    if x_r.shape[1:] != x_pos.shape[1:] or c_r.shape[0] != x_r.shape[0]:
+      raise ValueError(f'batch retain must be (R,) + {x_pos.shape[1:]} with retain_context '
+                       f'(R, ...), got {x_r.shape} and {c_r.shape}')
+    k_rn, k_rt = jax.random.split(jax.random.fold_in(key, 2))
+    t_r = jax.random.randint(k_rt, (x_r.shape[0],), 0, num_t)
+    x_t = jnp.concatenate([x_t, schedule.add_noise(
+        x_r, jax.random.normal(k_rn, x_r.shape, eps.dtype), t_r)])
+    t_all = jnp.concatenate([t_all, t_r.astype(t_all.dtype)])
+    ctx_all = jnp.concatenate([ctx_all, c_r.astype(ctx_all.dtype)])
   with jax.default_matmul_precision(matmul_precision):
     policy = eps_fn(lora.merge(params, lora_params, lora_scale), x_t, t_all, ctx_all)
     reference = jax.lax.stop_gradient(eps_fn(params, x_t, t_all, ctx_all))
@@ -107,7 +129,11 @@ def duo_loss(eps_fn: EpsFn, params, lora_params, batch: dict, key: jax.Array,
   delta_pos = e_policy[:b] - e_ref[:b]
   delta_neg = e_policy[b:] - e_ref[b:]
   l_duo = preference_loss(delta_pos, delta_neg, beta)
-  l_prior = jnp.mean(denoising_error(policy[2 * b:], reference[2 * b:]))
+  l_prior = jnp.mean(denoising_error(policy[2 * b:3 * b], reference[2 * b:3 * b]))
   loss = l_duo + prior_weight * l_prior
-  return loss, {'loss_duo': l_duo, 'loss_prior': l_prior, 'delta_pos': jnp.mean(delta_pos),
-                'delta_neg': jnp.mean(delta_neg), 'diff': jnp.mean(delta_pos - delta_neg)}
+  metrics = {'loss_duo': l_duo, 'loss_prior': l_prior, 'delta_pos': jnp.mean(delta_pos),
+             'delta_neg': jnp.mean(delta_neg), 'diff': jnp.mean(delta_pos - delta_neg)}
+  if retain:
+    metrics['loss_retain'] = jnp.mean(denoising_error(policy[3 * b:], reference[3 * b:]))
+    loss = loss + retain_weight * metrics['loss_retain']
+  return loss, metrics

@@ -190,6 +190,12 @@ class Trainer:
     return (jax.device_put(self.frozen, self.frozen_shardings()),)
 
   def compiled_step(self):
+    """The jit-compiled step (built once per Trainer, so runs in rounds compile once)."""
+    if getattr(self, '_compiled', None) is None:
+      self._compiled = self._build_step()
+    return self._compiled
+
+  def _build_step(self):
     shardings = self.state_shardings()
     with_frozen = self.frozen is not None
     step = make_train_step(self.loss_fn, self.tx, self.c.ema_decay, with_frozen)
@@ -229,9 +235,14 @@ class Trainer:
 
   # -- the loop ------------------------------------------------------------------------------------
 
-  def run(self) -> tuple[TrainState, dict]:
-    """Trains to `train.num_steps`; returns the final state and a summary for results.json."""
+  def run(self, until: int | None = None) -> tuple[TrainState, dict]:
+    """Trains to `train.num_steps` (or to step `until` <= it, with a checkpoint there, for work
+    between rounds; the next run resumes); returns the final state and a summary for
+    results.json."""
     c = self.c
+    end = c.num_steps if until is None else until
+    if not 0 < end <= c.num_steps:
+      raise ValueError(f'until must be in (0, train.num_steps={c.num_steps}], got {until}')
     _quiet_orbax()
     manager = self.manager()
     self._check_config(manager)
@@ -252,12 +263,12 @@ class Trainer:
     history: list[float] = []
     t0, timed_from = time.time(), None
     try:
-      for i in range(start, c.num_steps):
+      for i in range(start, end):
         batch = sharding.put_batch(self.batch_fn(i), self.mesh)
         state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, i), *frozen)
         pending.append((i + 1, metrics))
         done = i + 1
-        save = done % c.checkpoint_every == 0 or done == c.num_steps
+        save = done % c.checkpoint_every == 0 or done == end
         if done % c.log_every == 0 or save:
           rows = self._drain(pending)
           history += [r['loss'] for _, r in rows]
@@ -267,7 +278,7 @@ class Trainer:
             rate = float('nan')
           else:
             rate = (done - timed_from[0]) / max(now - timed_from[1], 1e-9)
-          eta = (c.num_steps - done) / rate if rate == rate and rate > 0 else float('nan')
+          eta = (end - done) / rate if rate == rate and rate > 0 else float('nan')
           means = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
           logging.info('step %d/%d  loss %.5f  %.2f steps/s  ETA %s', done, c.num_steps,
                        means['loss'], rate, _hms(eta))
@@ -281,8 +292,8 @@ class Trainer:
       writer.close()
       manager.close()
     wall = time.time() - t0
-    result = {'steps': c.num_steps, 'resumed_from_step': start, 'wall_s': round(wall, 1),
-              'steps_per_s': round((c.num_steps - start) / max(wall, 1e-9), 3),
+    result = {'steps': end, 'resumed_from_step': start, 'wall_s': round(wall, 1),
+              'steps_per_s': round((end - start) / max(wall, 1e-9), 3),
               'final_loss': float(np.mean(history[-c.log_every:])) if history else None,
               'devices': int(self.mesh.devices.size), 'mesh': dict(self.mesh.shape)}
     return state, result

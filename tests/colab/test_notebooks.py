@@ -168,3 +168,21 @@ def test_jump_your_steps_runs_and_the_cde_chain_holds(tmp_path):
   rows = [r.split() for r in table.splitlines() if re.match(r'\s*\d+\s+[\d.]+\s+[\d.]+$', r)]
   assert [int(r[0]) for r in rows] == [2, 4], table
   assert all(0 <= float(v) <= 1 for r in rows for v in r[1:]), table
+
+
+def test_duo_runs_and_the_lora_at_scale_zero_is_the_base(tmp_path):
+  nb = execute('duo.ipynb', '\n'.join([
+      f'WORKDIR = {str(tmp_path / "duo")!r}',
+      "CONFIG_ARG = 'tiny'",
+      'EVAL_SAMPLES = 4',
+      'EVAL_STEPS = 10',
+      'ATTACK_STEPS = 3',
+  ]), tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 4, f'expected the notebook\'s plots, got {figures} images'
+  assert (tmp_path / 'duo' / 'lora').is_dir()
+  last = _stdout(code[-1])
+  assert 'final check: LoRA at scale 0 reproduces the base samples exactly: OK' in last, last
+  attack = next(_stdout(c) for c in code if 'attack:' in _stdout(c))
+  assert "'moved'" in attack, attack

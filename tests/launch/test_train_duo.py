@@ -30,9 +30,11 @@ def test_tiny_run(tmp_path):
   # The detector gate held on both sides of every pair.
   assert np.all(scorer.predict(pairs['unsafe'] * 2 - 1) == 8)
   assert np.all(scorer.predict(pairs['safe'] * 2 - 1) != 8)
-  assert res['pairs'] == 4 and res['beta'] == 500.0
-  np.testing.assert_allclose(res['learning_rate'], 3e-4 * 100 / 500)
-  np.testing.assert_allclose(res['prior_weight'], 1e6 * 500 / 100)
+  assert res['pairs'] == 4 and res['beta'] == 50.0
+  np.testing.assert_allclose(res['learning_rate'], 3e-4 * 100 / 50)
+  np.testing.assert_allclose(res['prior_weight'], 1e6 * 50 / 100)
+  assert pairs['retain'].shape == (4,) + pairs['unsafe'].shape[1:]  # the retain set
+  assert all('eight' not in p for p in pairs['retain_prompts'])
   for side in ('base', 'unlearned'):
     assert 0 <= res[side]['defence_success_rate'] <= 1
   # The LoRA file loads back onto the base UNet (diffusers layout; interop tested in test_lora).
@@ -60,6 +62,66 @@ def test_tiny_run(tmp_path):
   assert (out / 'tradeoff.png').is_file() and (out / 'table.md').is_file()
 
 
+def test_adversarial_rounds(tmp_path):
+  # duo.adversarial: one round at step 2 of 4; its attacked embedding is saved, moved away from the
+  # word's own row, and a resumed run (num_steps 6) reuses it without attacking again.
+  def train(steps):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'launch', 'train_duo.py'),
+         f'--config={os.path.join(ROOT, "configs", "duo", "digits.py")}:tiny',
+         f'--workdir={tmp_path}', '--config.duo.condition=mixed', '--config.duo.retain_weight=10',
+         '--config.data.num_retain=2', '--config.duo.adversarial.every=2',
+         '--config.duo.adversarial.steps=3', f'--config.train.num_steps={steps}'],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
+  proc = train(4)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'adversarial round at step 2' in proc.stderr
+  rows = dict(np.load(tmp_path / 'adversarial_rows.npz'))
+  assert sorted(rows) == ['2']
+  pipe = models.load_pipeline(digits.pipeline_dir())
+  from diffgeo_jax.training import embedding_attack
+  token = embedding_attack.concept_token(pipe, 'eight')
+  word = np.asarray(embedding_attack.embedding_table(pipe.text_encoder_params)[token])
+  assert np.linalg.norm(rows['2'] - word) > 1e-4
+  proc = train(6)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'adversarial round at step 2' not in proc.stderr
+  assert 'adversarial round at step 4' in proc.stderr
+  assert sorted(dict(np.load(tmp_path / 'adversarial_rows.npz'))) == ['2', '4']
+  np.testing.assert_array_equal(np.load(tmp_path / 'adversarial_rows.npz')['2'], rows['2'])
+  assert json.loads((tmp_path / 'results.json').read_text())['training']['resumed_from_step'] == 4
+
+
+def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path):
+  # configs/duo/sd14.py end to end on a diffusers-written SD pipeline (VAE, random weights):
+  # the latent path (pairs encoded by the VAE), no detector, the retain term, the LoRA export.
+  flags = ['pipeline_dir=' + str(diffusers_pipeline_dir), 'data.num_pairs=3', 'data.num_steps=2',
+           'data.image_size=0', 'data.generation_batch=2', 'data.num_retain=2',
+           'duo.retain_weight=1.0', 'lora.rank=2', 'lora.alpha=2.0', 'train.num_steps=2',
+           'train.batch_size=2', 'train.log_every=1', 'train.checkpoint_every=2']
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'train_duo.py'),
+       f'--config={os.path.join(ROOT, "configs", "duo", "sd14.py")}', f'--workdir={tmp_path}',
+       *[f'--config.{f}' for f in flags]], capture_output=True, text=True, timeout=900,
+      cwd=ROOT, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / 'results.json').read_text())
+  assert 'base' not in res  # no detector, no digits evaluation
+  assert res['training']['steps'] == 2 and np.isfinite(res['training']['final_loss'])
+  pairs = np.load(tmp_path / 'pairs.npz')
+  white, black = (f'a naked {r} woman, realistic photo' for r in ('white', 'black'))
+  assert list(pairs['prompts']) == [white, black, white]  # the official prompts in turn
+  assert list(pairs['safe_prompts'])[:2] == ['a dressed white woman, realistic photo',
+                                             'a dressed black woman, realistic photo']
+  assert pairs['retain'].shape[0] == 2 and np.all((pairs['safe'] >= 0) & (pairs['safe'] <= 1))
+  # SDEdit changed the image (strength 0.75) and the LoRA loads onto the SD UNet.
+  assert np.mean(np.abs(pairs['safe'] - pairs['unsafe'])) > 1e-3
+  pipe = models.load_pipeline(diffusers_pipeline_dir)
+  lp = lora.load(tmp_path / 'lora', pipe.unet_params)
+  assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
+      res['lora_parameters']
+
+
 _EIGHT = textwrap.dedent('''
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -80,12 +142,15 @@ _EIGHT = textwrap.dedent('''
       lp = lora.init(key, base, rank=4, targets=r'attn1/to_(q|k|v|out_0)$')
       return jax.tree.map(lambda a: a + 0.05, lp)
     def loss_fn(lp, batch, key, frozen):
-      return losses.duo_loss(eps_fn, frozen, lp, batch, key, sched, beta=50.0, prior_weight=10.0)
+      return losses.duo_loss(eps_fn, frozen, lp, batch, key, sched, beta=50.0, prior_weight=10.0,
+                             retain_weight=5.0)
     rng = np.random.default_rng(0)
     ctx_dim = pipe.unet.config.cross_attention_dim
     batch = {{'positive': rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
               'negative': rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
-              'context': rng.normal(size=(8, 77, ctx_dim)).astype(np.float32)}}
+              'context': rng.normal(size=(8, 77, ctx_dim)).astype(np.float32),
+              'retain': rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
+              'retain_context': rng.normal(size=(8, 77, ctx_dim)).astype(np.float32)}}
     out = {{}}
     for n, model_axis in ((1, 1), (8, 2)):
       mesh = sharding.make_mesh(model=model_axis, devices=jax.devices()[:n])

@@ -90,6 +90,39 @@ def test_value_recomputed_in_numpy():
   assert abs(want_duo - np.log(2)) > 1e-2  # the check is not at the trivial point
 
 
+def test_retain_term_recomputed_in_numpy():
+  # The retain term: policy vs reference MSE on retained images noised by fold_in(key, 2)'s draws;
+  # the DUO part is unchanged by its presence.
+  params = init_params(jax.random.key(0))
+  lp = with_random_b(jax.random.key(4), lora.init(jax.random.key(1), params, rank=2,
+                                                  targets=r'conv|proj', alpha=4.0))
+  data, key = batch(jax.random.key(2)), jax.random.key(5)
+  r = 2
+  k1, k2 = jax.random.split(jax.random.key(9))
+  with_retain = {**data, 'retain': jax.random.normal(k1, (r, H, H, C)),
+                 'retain_context': jax.random.normal(k2, (r, D))}
+  kw = dict(beta=300.0, prior_weight=10.0)
+  loss0, m0 = losses.duo_loss(eps_fn, params, lp, data, key, SCHED, **kw)
+  loss, m = losses.duo_loss(eps_fn, params, lp, with_retain, key, SCHED, retain_weight=7.0, **kw)
+  k_rn, k_rt = jax.random.split(jax.random.fold_in(key, 2))
+  t = np.asarray(jax.random.randint(k_rt, (r,), 0, 1000))
+  noise = np.asarray(jax.random.normal(k_rn, (r, H, H, C)), np.float64)
+  ab = np.asarray(SCHED.alphas_cumprod, np.float64)[t][:, None, None, None]
+  x_t = np.sqrt(ab) * np.asarray(with_retain['retain'], np.float64) + np.sqrt(1 - ab) * noise
+
+  def model(p):
+    return np.asarray(eps_fn(p, jnp.asarray(x_t, jnp.float32), jnp.asarray(t),
+                             with_retain['retain_context']), np.float64)
+
+  want = np.mean((model(lora.merge(params, lp)) - model(params)) ** 2)
+  np.testing.assert_allclose(m['loss_retain'], want, rtol=2e-4)
+  np.testing.assert_allclose(m['loss_duo'], m0['loss_duo'], rtol=1e-6)
+  np.testing.assert_allclose(loss, loss0 + 7.0 * want, rtol=2e-4)
+  assert want > 1e-4
+  with pytest.raises(ValueError, match='retain_context'):
+    losses.duo_loss(eps_fn, params, lp, data, key, SCHED, retain_weight=1.0, **kw)
+
+
 def test_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), init_params(jax.random.key(0)))
@@ -97,11 +130,13 @@ def test_gradient_matches_finite_differences():
     lp = with_random_b(jax.random.key(4), lp)
     lp = jax.tree.map(lambda a: a.astype(jnp.float64), lp)
     data = jax.tree.map(lambda a: a.astype(jnp.float64), batch(jax.random.key(2)))
+    data['retain'] = jax.random.normal(jax.random.key(10), (2, H, H, C), jnp.float64)
+    data['retain_context'] = jax.random.normal(jax.random.key(11), (2, D), jnp.float64)
     key = jax.random.key(6)
 
-    def f(lp):
+    def f(lp):  # every term: DUO, prior and retain
       return losses.duo_loss(eps_fn, params, lp, data, key, SCHED, beta=50.0,
-                             prior_weight=3.0)[0]
+                             prior_weight=3.0, retain_weight=2.0)[0]
 
     grad = jax.grad(f)(lp)
     direction = with_random_b(jax.random.key(7), jax.tree.map(jnp.zeros_like, lp))

@@ -195,3 +195,19 @@ def test_ema_with_warmup_matches_closed_form():
     d = min(0.9, (1 + i) / (10 + i))
     expected = d * expected
     np.testing.assert_allclose(state.ema_params['w'], expected, rtol=1e-6)
+
+
+def test_rounds_equal_one_run_and_compile_once(tmp_path):
+  # run(until=...) in rounds (the adversarial DUO loop) reaches the same state as one run, and the
+  # Trainer builds its jitted step once.
+  whole, _ = _toy(_toy_config(num_steps=9, learning_rate=0.1), tmp_path / 'a').run()
+  t = _toy(_toy_config(num_steps=9, learning_rate=0.1), tmp_path / 'b')
+  state, result = t.run(until=4)
+  assert int(state.step) == 4 and result['steps'] == 4
+  first = t.compiled_step()
+  state, result = t.run()
+  assert t.compiled_step() is first
+  assert result['resumed_from_step'] == 4 and int(state.step) == 9
+  chex.assert_trees_all_close(state.params, whole.params, rtol=1e-6)
+  with pytest.raises(ValueError, match='until must be'):
+    t.run(until=10)
