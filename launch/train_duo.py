@@ -55,10 +55,11 @@ from diffgeo_jax.training import embedding_attack, lora, losses, sharding, train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
-CONDITIONS = ('empty', 'prompt', 'mixed')
-
 _DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
                                  'Call jax.distributed.initialize() (multi-host TPU pods).')
+
+
+CONDITIONS = ('empty', 'prompt', 'mixed')  # duo.condition: the text conditioning of every branch
 
 
 def cycled(prompts, n: int) -> list[str]:
@@ -158,6 +159,8 @@ class Job:
 
   def __init__(self, config, workdir: str):
     self.config = config
+    if config.duo.condition not in CONDITIONS:  # (before minutes of pair generation)
+      raise ValueError(f'duo.condition must be one of {CONDITIONS}, got {config.duo.condition!r}')
     self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
     self.detector = Detector(config)
@@ -187,8 +190,6 @@ class Job:
     # The conditioning of every branch (`duo.condition`): 'empty' is the official code (prompt-
     # agnostic unlearning); 'prompt' is its unused --given_prompt option (each pair under its
     # unsafe prompt); 'mixed' draws one of the two per pair and step.
-    if config.duo.condition not in CONDITIONS:
-      raise ValueError(f'duo.condition must be one of {CONDITIONS}, got {config.duo.condition!r}')
     self.empty = np.asarray(pipeline.encode_prompts(self.pipe, ['']))[0]
     self.prompted = np.asarray(pipeline.encode_prompts(self.pipe, [str(p) for p in
                                                                    pairs['prompts']]))
