@@ -100,37 +100,40 @@ def make_pairs(pipe, detector: Detector, config, key) -> dict[str, np.ndarray]:
   unsafe = np.zeros((d.num_pairs, h, w, 3), np.float32)
   safe = np.zeros_like(unsafe)
   kw = dict(num_steps=d.num_steps, guidance_scale=d.guidance_scale)
-  todo = np.arange(d.num_pairs)
-  for attempt in range(d.max_attempts):
-    if not len(todo):
-      break
-    key, k = jax.random.split(key)
-    imgs = _batched(lambda idx, kk: pipeline.text_to_image(
-        pipe, [prompts[i] for i in idx], kk, height=h, width=w, **kw), todo, k, d.generation_batch)
-    hit = detector.shows_concept(imgs)
-    ok = np.ones(len(todo), bool) if hit is None else hit
-    unsafe[todo[ok]] = imgs[ok]
-    todo = todo[~ok]
-  if len(todo):
-    raise RuntimeError(f'{len(todo)} of {d.num_pairs} unsafe images were never read as '
+  key, unsafe, left = _until_accepted(
+      lambda idx, kk: pipeline.text_to_image(pipe, [prompts[i] for i in idx], kk, height=h,
+                                             width=w, **kw),
+      lambda hit: hit, detector, d, key, unsafe)
+  if left:
+    raise RuntimeError(f'{left} of {d.num_pairs} unsafe images were never read as '
                        f'{d.concept!r} in {d.max_attempts} attempts')
-  todo = np.arange(d.num_pairs)
-  for attempt in range(d.max_attempts):
-    if not len(todo):
-      break
-    key, k = jax.random.split(key)
-    imgs = _batched(lambda idx, kk: pipeline.image_to_image(
-        pipe, unsafe[idx], [safe_texts[i] for i in idx], kk, strength=d.safe_strength,
-        negative_prompts=[prompts[i] for i in idx], **kw), todo, k, d.generation_batch)
-    hit = detector.shows_concept(imgs)
-    ok = np.ones(len(todo), bool) if hit is None else ~hit
-    safe[todo[ok]] = imgs[ok]
-    todo = todo[~ok]
-  if len(todo):
-    raise RuntimeError(f'{len(todo)} of {d.num_pairs} SDEdit images kept the concept in '
+  key, safe, left = _until_accepted(
+      lambda idx, kk: pipeline.image_to_image(
+          pipe, unsafe[idx], [safe_texts[i] for i in idx], kk, strength=d.safe_strength,
+          negative_prompts=[prompts[i] for i in idx], **kw),
+      lambda hit: ~hit, detector, d, key, safe)
+  if left:
+    raise RuntimeError(f'{left} of {d.num_pairs} SDEdit images kept the concept in '
                        f'{d.max_attempts} attempts; raise data.safe_strength')
   return {'unsafe': unsafe, 'safe': safe, 'prompts': np.array(prompts),
           'safe_prompts': np.array(safe_texts)}
+
+
+def _until_accepted(generate, accept, detector: Detector, d, key, out: np.ndarray):
+  """Fills `out` (N, ...) with generate(indices, key) images, resampling the rows the detector
+  gate `accept(shows_concept)` refuses, at most `d.max_attempts` times (every row passes without
+  a detector). Returns the advanced key, `out` and the number of rows never accepted."""
+  todo = np.arange(len(out))
+  for _ in range(d.max_attempts):
+    if not len(todo):
+      break
+    key, k = jax.random.split(key)
+    imgs = _batched(generate, todo, k, d.generation_batch)
+    hit = detector.shows_concept(imgs)
+    ok = np.ones(len(todo), bool) if hit is None else accept(hit)
+    out[todo[ok]] = imgs[ok]
+    todo = todo[~ok]
+  return key, out, len(todo)
 
 
 def make_retain(pipe, config, key) -> dict[str, np.ndarray]:
