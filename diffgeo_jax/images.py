@@ -22,3 +22,24 @@ def grid(images: np.ndarray, rows: int, cols: int, scale: int = 1) -> Image.Imag
   if scale > 1:
     tiled = tiled.repeat(scale, axis=0).repeat(scale, axis=1)
   return Image.fromarray(tiled[..., 0] if c == 1 else tiled, mode='L' if c == 1 else 'RGB')
+
+
+def labelled_rows(path: str, rows: list[tuple[str, np.ndarray]], title: str = '') -> None:
+  """A PNG at `path` with one labelled row of images (N, H, W, C) in [0, 1] per (label, images)
+  pair; rows may differ in N."""
+  import matplotlib  # noqa: PLC0415 (only the binaries that write figures need it)
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  n = max(len(imgs) for _, imgs in rows)
+  fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * n + 1.2, 0.95 * len(rows) + 0.5),
+                           squeeze=False)
+  for ax, (label, imgs) in zip(axes[:, 0], rows):
+    ax.imshow(np.asarray(grid(imgs, 1, len(imgs))), interpolation='nearest')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

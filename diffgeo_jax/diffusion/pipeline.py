@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffgeo_jax.diffusion import chromatography, guidance, samplers, schedules
+from diffgeo_jax.text import decor as decor_lib
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -96,6 +97,27 @@ def max_prompt_tokens(pipe) -> int:
 @functools.partial(jax.jit, static_argnums=0)
 def _text_hidden(text_encoder, params, ids):
   return text_encoder.apply({'params': params}, ids, output_hidden_states=False).last_hidden_state
+
+
+def decor_prompts(pipe, prompts, settings: decor_lib.Settings | None,
+                  prompt_embeds=None) -> jax.Array:
+  """`encode_prompts` (or the given `prompt_embeds`), then DECOR's projection (arXiv 2412.09169)
+  when `settings` is given."""
+  prompts = _prompt_list(prompts, 'prompts')
+  if prompt_embeds is None:
+    cond = encode_prompts(pipe, prompts)
+  else:
+    cond = jnp.asarray(prompt_embeds, jnp.float32)
+    want = (len(prompts), max_prompt_tokens(pipe), pipe.text_encoder.config.hidden_size)
+    if cond.shape != want:
+      raise ValueError(f'prompt_embeds must have shape {want} (one (tokens, width) matrix per '
+                       f'prompt), got {cond.shape}')
+  if settings is None:
+    return cond
+  if not isinstance(settings, decor_lib.Settings):
+    raise ValueError(f'decor must be a decor.Settings or None, got {type(settings).__name__}')
+  texts, strength = settings.checked(len(prompts))
+  return decor_lib.project(cond, encode_prompts(pipe, texts), strength, settings.rank)
 
 
 def encode_prompts(pipe, prompts) -> jax.Array:
@@ -224,12 +246,12 @@ def _encode_images(vae, vae_params, images, key):
 
 def _run(pipe, prompts, negatives, x_start, key, *, first_step, num_steps, guidance_scale,
          sampler, eta, guidance_rescale, return_trajectory, upsample_guidance=None,
-         switch_prompts=None, switch_timestep=None):
+         switch_prompts=None, switch_timestep=None, decor=None, prompt_embeds=None):
   """Encodes the prompts, places everything on the mesh, samples, decodes, unpads."""
   n = len(prompts)
   guided = guidance_scale != 1
   switched = switch_prompts is not None
-  cond = encode_prompts(pipe, prompts)
+  cond = decor_prompts(pipe, prompts, decor, prompt_embeds)
   uncond = encode_prompts(pipe, negatives) if guided else None
   cond_late = encode_prompts(pipe, switch_prompts) if switched else None
   mesh = _mesh()
@@ -264,7 +286,8 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float
                   height: int | None = None, width: int | None = None,
                   guidance_rescale: float = 0.0, return_trajectory: bool = False, latents=None,
                   upsample_guidance: guidance.UpsampleGuidance | None = None,
-                  switch_prompts=None, switch_timestep: float | None = None):
+                  switch_prompts=None, switch_timestep: float | None = None,
+                  decor: decor_lib.Settings | None = None, prompt_embeds=None):
   """Images (B, H, W, C) in [0, 1], one per prompt; with `return_trajectory` also the sampler's
   `Trajectory` (in model space: latents for a latent pipeline).
 
@@ -276,7 +299,11 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float
   `height`/`width` = factor x its default) with upsample guidance (arXiv 2404.01709).
   `switch_prompts` + `switch_timestep`: time-dependent prompt composition (arXiv 2401.10247),
   `prompts` while t > switch_timestep, then `switch_prompts` (one per prompt, or a str for all);
-  `chromatography.switch_time` picks the time for a resolution. Not combinable with each other."""
+  `chromatography.switch_time` picks the time for a resolution. Not combinable with each other.
+  `decor` (`decor.Settings`): DECOR (arXiv 2412.09169) on the prompts' embeddings (not on the
+  negative prompts'); with `switch_prompts` it applies to the early prompts only.
+  `prompt_embeds` (B, L, D): text-encoder outputs used instead of encoding `prompts` (which still
+  give the batch size), e.g. an edited or reconstructed embedding matrix."""
   _check_supported(pipe)
   _check_common(sampler, guidance_rescale)
   prompts = _prompt_list(prompts, 'prompts')
@@ -308,7 +335,7 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float
               first_step=0, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
               eta=eta, guidance_rescale=guidance_rescale, return_trajectory=return_trajectory,
               upsample_guidance=upsample_guidance, switch_prompts=switch_prompts,
-              switch_timestep=switch_timestep)
+              switch_timestep=switch_timestep, decor=decor, prompt_embeds=prompt_embeds)
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -325,11 +352,12 @@ def start_step(num_steps: int, strength: float) -> int:
 def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps: int = 50,
                    guidance_scale: float = 7.5, negative_prompts=None, sampler: str = 'ddim',
                    eta: float = 0.0, guidance_rescale: float = 0.0,
-                   return_trajectory: bool = False, noise=None):
+                   return_trajectory: bool = False, noise=None,
+                   decor: decor_lib.Settings | None = None):
   """SDEdit (arXiv 2108.01073): noise `images` (B, H, W, C) in [0, 1] to the grid timestep
   `start_step(num_steps, strength)` and run the sampler from there; strength 1 starts from the
   first timestep (almost pure noise). `key` splits into (posterior sample, noise, step noise);
-  `noise` (model-space shape) replaces the drawn noise."""
+  `noise` (model-space shape) replaces the drawn noise; `decor` as in `text_to_image`."""
   _check_supported(pipe)
   _check_common(sampler, guidance_rescale)
   prompts = _prompt_list(prompts, 'prompts')
@@ -357,7 +385,8 @@ def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps:
   x_start = s.add_noise(x0, jnp.asarray(noise, jnp.float32), t_start)
   return _run(pipe, prompts, negatives, x_start, key_steps, first_step=first_step,
               num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-              guidance_rescale=guidance_rescale, return_trajectory=return_trajectory)
+              guidance_rescale=guidance_rescale, return_trajectory=return_trajectory,
+              decor=decor)
 
 
 # -- many prompts ------------------------------------------------------------------------------------

@@ -108,19 +108,25 @@ def init(key: jax.Array, config: ClassifierConfig = ClassifierConfig()) -> tuple
 
 # -- colour from pixels ----------------------------------------------------------------------------
 
-def colour_index(images) -> np.ndarray:
-  """(N,) nearest palette colour (index into `dataset.COLOURS`) of images (N, H, W, 3) in [-1, 1].
-
-  The colour of an image is the mean RGB of its pixels weighted by the square of their brightness
-  (max channel), so the stroke dominates and a dark, noisy background barely counts; the palette
-  colour at the smallest angle to it wins (brightness does not matter, only hue and saturation).
-  Exact on rendered data: every stroke pixel there is a multiple of the palette colour."""
+def stroke_rgb(images) -> np.ndarray:
+  """(N, 3) the stroke colour of images (N, H, W, 3) in [-1, 1]: the mean RGB (in [0, 1]) of the
+  pixels weighted by the square of their brightness (max channel), so the stroke dominates and a
+  dark, noisy background barely counts."""
   x = np.asarray(images, np.float64)
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(f'images must have shape (N, H, W, 3) in [-1, 1], got {x.shape}')
   v = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
   w = v.max(axis=-1, keepdims=True) ** 2
-  mean = (w * v).sum(axis=(1, 2)) / np.maximum(w.sum(axis=(1, 2)), 1e-12)  # (N, 3)
+  return (w * v).sum(axis=(1, 2)) / np.maximum(w.sum(axis=(1, 2)), 1e-12)
+
+
+def colour_index(images) -> np.ndarray:
+  """(N,) nearest palette colour (index into `dataset.COLOURS`) of images (N, H, W, 3) in [-1, 1].
+
+  The colour of an image is its `stroke_rgb`; the palette colour at the smallest angle to it wins
+  (brightness does not matter, only hue and saturation). Exact on rendered data: every stroke
+  pixel there is a multiple of the palette colour."""
+  mean = stroke_rgb(images)
   palette = np.asarray(list(dataset.PALETTE.values()), np.float64)
   cos = (mean @ palette.T) / (np.linalg.norm(mean, axis=-1, keepdims=True) + 1e-12)
   cos /= np.linalg.norm(palette, axis=-1)

@@ -48,6 +48,18 @@ def colour_accuracy(images, colours) -> float:
   return float(np.mean(got == c))
 
 
+def colour_distance(images, rgb) -> np.ndarray:
+  """(N,) distance of each image's stroke colour to the colour `rgb` (3 numbers in [0, 1], largest
+  channel 1 as the palette's): both scaled to a largest channel of 1, so brightness does not count,
+  then Euclidean in RGB (0: the same hue and saturation; red to orange 0.5, red to yellow 1)."""
+  target = np.asarray(rgb, np.float64)
+  if target.shape != (3,) or target.max() <= 0:
+    raise ValueError(f'rgb must be 3 numbers in [0, 1] with a positive channel, got {rgb!r}')
+  got = classifier_lib.stroke_rgb(images)
+  got = got / np.maximum(got.max(axis=-1, keepdims=True), 1e-12)
+  return np.linalg.norm(got - target / target.max(), axis=-1)
+
+
 def grouped_accuracy(correct, groups, num_groups: int) -> list[float | None]:
   """Mean of boolean `correct` (N,) within each group 0..num_groups-1 (None for an empty group)."""
   correct, groups = np.asarray(correct, np.float64), np.asarray(groups)

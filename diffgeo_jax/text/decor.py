@@ -18,10 +18,12 @@ undesired text's token count. The official code is not public; the debias_vl pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Singular values below this fraction of the largest are numerical zeros of the row space.
 RANK_RTOL = 1e-5
@@ -77,6 +79,34 @@ def project(x, x_undesired, strength=1.0, rank: int | None = None) -> jax.Array:
                      f'dims {lead} of x and x_undesired')
   removed = x @ projector(xu, rank).astype(x.dtype)
   return x - strength[..., None, None] * removed
+
+
+class Settings(NamedTuple):
+  """DECOR at sampling time (`pipeline.text_to_image(..., decor=Settings(...))`): the prompts'
+  embeddings lose `strength` times their projection on the row space of `undesired`'s embeddings
+  (top `rank` components, None = all). `undesired`: one text for every prompt, or one per prompt;
+  `strength`: a number, or one per prompt (a sweep in one batch). The unconditional (negative)
+  embeddings are not touched, as in debias_vl's generative code."""
+  undesired: str | Sequence[str]
+  strength: float | Sequence[float] = 1.0
+  rank: int | None = None
+
+  def checked(self, num_prompts: int) -> tuple[list[str], np.ndarray]:
+    """(undesired texts, 1 or num_prompts of them; strengths, () or (num_prompts,)), with
+    errors naming the field."""
+    texts = [self.undesired] if isinstance(self.undesired, str) else list(self.undesired)
+    if not texts or not all(isinstance(t, str) for t in texts) or len(texts) not in (
+        1, num_prompts):
+      raise ValueError(f'decor.undesired must be a str or one str per prompt ({num_prompts}), '
+                       f'got {self.undesired!r}')
+    strength = np.asarray(self.strength, np.float32)
+    if strength.shape not in ((), (num_prompts,)) or not np.all(np.isfinite(strength)):
+      raise ValueError(f'decor.strength must be a finite number or one per prompt '
+                       f'({num_prompts}), got {self.strength!r}')
+    if self.rank is not None and (isinstance(self.rank, bool) or int(self.rank) != self.rank
+                                  or self.rank < 1):
+      raise ValueError(f'decor.rank must be None or an integer >= 1, got {self.rank!r}')
+    return texts, strength
 
 
 class Decomposition(NamedTuple):

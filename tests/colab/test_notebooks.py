@@ -186,3 +186,22 @@ def test_duo_runs_and_the_lora_at_scale_zero_is_the_base(tmp_path):
   assert 'final check: LoRA at scale 0 reproduces the base samples exactly: OK' in last, last
   attack = next(_stdout(c) for c in code if 'attack:' in _stdout(c))
   assert "'moved'" in attack, attack
+
+
+def test_decor_runs_and_strength_zero_is_the_plain_pipeline(tmp_path):
+  nb = execute('decor.ipynb', '\n'.join([
+      f'WORKDIR = {str(tmp_path / "decor")!r}',
+      "CONFIG_ARG = 'tiny'",
+      'SAMPLES_PER_DIGIT = 1',
+      'EVAL_STEPS = 5',
+      'STRENGTHS = (0.0, 1.0)',
+  ]), tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 2, f'expected the notebook\'s plots, got {figures} images'
+  assert (tmp_path / 'decor' / 'lora').is_dir()
+  energy = next(_stdout(c) for c in code if 'energy of the top 4' in _stdout(c))
+  assert 'share of component 1 on the PAD rows' in energy, energy
+  last = _stdout(code[-1])
+  assert 'final check: strength 0 is the plain pipeline and the projection matches: OK' in last, \
+      last

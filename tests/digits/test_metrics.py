@@ -119,3 +119,16 @@ def test_real_vs_real_is_far_below_noise():
   report.record('FD real-vs-real (500 vs test)', fd_real)
   report.record('FD uniform noise (500 vs test)', fd_noise)
   assert fd_real * 20 < fd_noise and fd_real * 20 < fd_blank
+
+
+def test_colour_distance_of_rendered_digits_is_exact():
+  split = dataset.load('test')
+  red = split.images(dataset.COLOURS.index('red'))[:5]
+  np.testing.assert_allclose(metrics.colour_distance(red, (1.0, 0.0, 0.0)), 0.0, atol=1e-12)
+  np.testing.assert_allclose(metrics.colour_distance(red, (1.0, 0.5, 0.0)), 0.5, atol=1e-12)
+  np.testing.assert_allclose(metrics.colour_distance(red, (1.0, 1.0, 0.0)), 1.0, atol=1e-12)
+  # Brightness does not count: a stroke at 40% intensity in orange is still orange.
+  dim = split.strokes[:5, ..., None] * np.array([0.4, 0.2, 0.0]) * 2 - 1
+  np.testing.assert_allclose(metrics.colour_distance(dim, (1.0, 0.5, 0.0)), 0.0, atol=1e-12)
+  with pytest.raises(ValueError, match='rgb'):
+    metrics.colour_distance(red, (0.0, 0.0))

@@ -115,3 +115,18 @@ def test_decompose_reconstructs_and_energies_add_up():
     decor.decompose(x, padding[:, :3])
   with pytest.raises(ValueError, match='k must be'):
     decor.reconstruct(dec, L + 1)
+
+
+def test_settings_check_their_fields():
+  texts, strength = decor.Settings('a digit three', 0.5).checked(4)
+  assert texts == ['a digit three'] and strength.shape == ()
+  texts, strength = decor.Settings(['a', 'b'], [0.0, 1.0], rank=2).checked(2)
+  assert texts == ['a', 'b'] and strength.tolist() == [0.0, 1.0]
+  for bad, field in ((decor.Settings(['a', 'b', 'c']), 'decor.undesired'),
+                     (decor.Settings([]), 'decor.undesired'),
+                     (decor.Settings('a', [0.5, 0.5, 0.5]), 'decor.strength'),
+                     (decor.Settings('a', float('nan')), 'decor.strength'),
+                     (decor.Settings('a', 1.0, rank=0), 'decor.rank'),
+                     (decor.Settings('a', 1.0, rank=1.5), 'decor.rank')):
+    with pytest.raises(ValueError, match=field):
+      bad.checked(2)

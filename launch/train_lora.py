@@ -1,0 +1,244 @@
+r"""DreamBooth-style LoRA customization: teach a text-to-image model a concept from a few reference
+images under an identifier token ("a sks digit three"), optionally with prior preservation and
+with DECOR (arXiv 2412.09169) on the instance prompt's embeddings during fine-tuning.
+
+    python launch/train_lora.py --config=configs/decor/digits.py --workdir=/tmp/decor_digits
+    python launch/train_lora.py --config=configs/decor/digits.py \
+      --config.data.images=/data/refs.npz --config.pipeline_dir=/ckpt/sd-v1-5 --workdir=...
+
+Steps (as diffusers' `examples/dreambooth/train_dreambooth_lora.py`):
+1. Reference images: `data.images`, a .npz with `images` (N, H, W, 3) in [0, 1] or a folder of
+   PNG/JPEG files, all of the pipeline's image size (nothing is resized or cropped). Empty: the
+   digits world's references, `data.num_references` training digits `data.reference_digit`
+   rendered in the new colour `data.colour_rgb` (not a palette colour: the base model has never
+   drawn it).
+2. Prior preservation (`prior.weight` > 0): the base model's own samples of `prior.class_prompts`
+   (in turn, `prior.num_images`), cached in `workdir/class_images.npz`; the loss adds
+   `prior.weight` times their denoising error.
+3. Training: the denoising loss ||eps - eps_theta(x_t, t, c)||^2 at t ~ U[0, T) on the LoRA
+   factors only (the base UNet is the frozen argument of the step), AdamW, orbax checkpoints with
+   resume (`training.trainer.Trainer`). `decor.train_strength` > 0 projects the instance prompt's
+   embeddings away from `decor.undesired`'s row space (top `decor.rank`) before the UNet sees them
+   (DECOR at fine-tuning; the class prompts are not projected).
+
+Writes to --workdir: `config.json`, `references.png`, `checkpoints/`, `tensorboard/`, `lora/`
+(`pytorch_lora_weights.safetensors`, loadable by diffusers) and `results.json`. The digits
+experiment's evaluation (content leakage vs colour, DECOR at sampling time) is
+`launch/evaluate_customization.py` with the same config and workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+
+from diffgeo_jax import digits, images as images_lib, models
+from diffgeo_jax.diffusion import pipeline, schedules
+from diffgeo_jax.digits import dataset
+from diffgeo_jax.text import decor
+from diffgeo_jax.training import lora, losses, sharding, trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/decor/*.py')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
+                               required=True)
+_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
+                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+
+
+def digits_references(d) -> np.ndarray:
+  """(N, 16, 16, 3) in [0, 1]: the first `d.num_references` training digits `d.reference_digit`
+  painted in `d.colour_rgb` on black (the digits renderer's rule, with an RGB of our own)."""
+  if d.reference_digit not in dataset.DIGIT_WORDS:
+    raise ValueError(f'data.reference_digit must be one of {dataset.DIGIT_WORDS}, got '
+                     f'{d.reference_digit!r}')
+  rgb = np.asarray(d.colour_rgb, np.float32)
+  if rgb.shape != (3,) or rgb.min() < 0 or rgb.max() > 1:
+    raise ValueError(f'data.colour_rgb must be 3 numbers in [0, 1], got {d.colour_rgb!r}')
+  split = dataset.load('train')
+  idx = np.flatnonzero(split.digits == dataset.DIGIT_WORDS.index(d.reference_digit))
+  if not 1 <= d.num_references <= len(idx):
+    raise ValueError(f'data.num_references must be in [1, {len(idx)}], got {d.num_references}')
+  return split.strokes[idx[:d.num_references], ..., None] * rgb
+
+
+def read_images(path: str) -> np.ndarray:
+  """(N, H, W, 3) float32 in [0, 1] from a .npz (`images`, in [0, 1]) or a folder of images."""
+  if path.endswith('.npz'):
+    with np.load(path) as f:
+      if 'images' not in f:
+        raise ValueError(f'{path} has no array "images" (its arrays: {sorted(f.files)})')
+      x = np.asarray(f['images'], np.float32)
+  elif os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+      raise ValueError(f'{path} holds no {"/".join(IMAGE_SUFFIXES)} files')
+    x = [np.asarray(Image.open(os.path.join(path, n)).convert('RGB'), np.float32) / 255
+         for n in names]
+    sizes = sorted({a.shape for a in x})
+    if len(sizes) > 1:
+      raise ValueError(f'the images in {path} have different sizes {sizes}; give them one size')
+    x = np.stack(x)
+  else:
+    raise ValueError(f'data.images must be a .npz file or a folder of images, got {path!r}')
+  if x.ndim != 4 or x.shape[-1] != 3 or x.min() < 0 or x.max() > 1:
+    raise ValueError(f'the images of {path} must be (N, H, W, 3) in [0, 1], got shape {x.shape} '
+                     f'and range [{x.min():.3g}, {x.max():.3g}]')
+  return x
+
+
+def reference_images(pipe, config) -> np.ndarray:
+  d = config.data
+  x = read_images(d.images) if d.images else digits_references(d)
+  size = pipeline.default_image_size(pipe)
+  if x.shape[1:3] != size:
+    raise ValueError(f'the reference images are {x.shape[1]}x{x.shape[2]} but the pipeline '
+                     f'samples {size[0]}x{size[1]}; resize or crop them first (nothing is resized '
+                     f'here)')
+  return x
+
+
+def cycled(prompts, n: int) -> list[str]:
+  prompts = [str(p) for p in prompts]
+  if not prompts:
+    raise ValueError('prior.weight > 0 needs prior.class_prompts')
+  return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def class_images(pipe, config, workdir: str) -> dict[str, np.ndarray]:
+  """The base model's samples of the class prompts (prior preservation), cached in the workdir."""
+  path = os.path.join(workdir, 'class_images.npz')
+  if os.path.exists(path):
+    return dict(np.load(path))
+  p = config.prior
+  if p.num_images < 1:
+    raise ValueError(f'prior.weight > 0 needs prior.num_images >= 1, got {p.num_images}')
+  prompts = cycled(p.class_prompts, p.num_images)
+  batch = p.generation_batch or len(prompts)
+  key = jax.random.key(p.seed)
+  imgs = np.concatenate([np.asarray(pipeline.text_to_image(
+      pipe, prompts[i:i + batch], jax.random.fold_in(key, i), num_steps=p.num_steps,
+      guidance_scale=p.guidance_scale)) for i in range(0, len(prompts), batch)])
+  out = {'images': imgs.astype(np.float32), 'prompts': np.array(prompts)}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(path, **out)
+  return out
+
+
+def instance_context(pipe, config) -> np.ndarray:
+  """(1, L, D) the instance prompt's embeddings, DECOR-projected when decor.train_strength > 0."""
+  c = config.decor
+  settings = None
+  if c.train_strength:
+    if not c.undesired:
+      raise ValueError('decor.train_strength > 0 needs decor.undesired (the text to project out)')
+    settings = decor.Settings(c.undesired, c.train_strength, c.rank or None)
+  return np.asarray(pipeline.decor_prompts(pipe, [config.data.instance_prompt], settings))
+
+
+class Job:
+  """The frozen base model, the encoded references (and class images) and the loss."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+    self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
+    self.references = reference_images(self.pipe, config)
+    key = jax.random.key(config.data.seed)
+    # One VAE posterior sample per image for a latent pipeline (2x - 1 in pixel space).
+    self.x_instance = np.asarray(pipeline.encode_images(self.pipe, self.references, key))
+    self.c_instance = instance_context(self.pipe, config)[0]
+    self.prior = config.prior.weight > 0
+    if self.prior:
+      cls = class_images(self.pipe, config, workdir)
+      self.x_class = np.asarray(pipeline.encode_images(self.pipe, cls['images'],
+                                                       jax.random.fold_in(key, 1)))
+      self.c_class = np.asarray(pipeline.encode_prompts(self.pipe,
+                                                        [str(p) for p in cls['prompts']]))
+
+  def init_fn(self, key: jax.Array):
+    c = self.config.lora
+    return lora.init(key, self.pipe.unet_params, rank=c.rank, targets=c.targets, alpha=c.alpha)
+
+  def loss_fn(self, lora_params, batch, key, base_params):
+    """Mean denoising error on the instance rows (+ prior.weight x that on the class rows)."""
+    params = lora.merge(base_params, lora_params)
+    x0, ctx = batch['x'], batch['context']
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, self.schedule.num_train_timesteps)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    pred = self.pipe.unet.apply({'params': params}, self.schedule.add_noise(x0, eps, t), t, ctx)
+    err = losses.denoising_error(pred, eps)
+    instance = jnp.sum(err * batch['instance']) / jnp.maximum(jnp.sum(batch['instance']), 1)
+    metrics = {'instance_loss': instance}
+    loss = instance
+    if self.prior:
+      n_cls = jnp.sum(1 - batch['instance'])
+      prior = jnp.sum(err * (1 - batch['instance'])) / jnp.maximum(n_cls, 1)
+      loss = loss + self.config.prior.weight * prior
+      metrics['prior_loss'] = prior
+    return loss, {'loss': loss, **metrics}
+
+  def batch_fn(self, step: int) -> dict:
+    """This process's rows of step `step`: instance rows (and as many class rows with prior
+    preservation), a function of (seed, step, process) alone."""
+    c = self.config.train
+    rows = c.batch_size // jax.process_count()
+    rng = np.random.default_rng([c.seed, step, jax.process_index()])
+    idx = rng.integers(0, len(self.x_instance), rows)
+    x = self.x_instance[idx]
+    ctx = np.broadcast_to(self.c_instance, (rows,) + self.c_instance.shape)
+    instance = np.ones(rows, np.float32)
+    if self.prior:  # as DreamBooth: the batch is half instance, half class rows
+      n_cls = rows // 2
+      j = rng.integers(0, len(self.x_class), n_cls)
+      x = np.concatenate([x[:rows - n_cls], self.x_class[j]])
+      ctx = np.concatenate([ctx[:rows - n_cls], self.c_class[j]])
+      instance = np.concatenate([instance[:rows - n_cls], np.zeros(n_cls, np.float32)])
+    return {'x': x.astype(np.float32), 'context': np.ascontiguousarray(ctx, np.float32),
+            'instance': instance}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  sharding.initialize_distributed(_DISTRIBUTED.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config.prior.weight > 0 and config.train.batch_size < 2:
+    raise ValueError('prior preservation needs train.batch_size >= 2 (half instance, half class)')
+  job = Job(config, workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    n = len(job.references)
+    images_lib.grid(job.references, 1, n, scale=max(1, 64 // job.references.shape[1])).save(
+        os.path.join(workdir, 'references.png'))
+  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn,
+                        mesh=sharding.make_mesh(), frozen=job.pipe.unet_params)
+  state, result = run.run()
+  if jax.process_index() != 0:
+    return
+  lp = jax.device_get(state.params)
+  lora.save(os.path.join(workdir, 'lora'), lp)
+  result = {'training': result, 'references': int(len(job.references)),
+            'instance_prompt': config.data.instance_prompt,
+            'prior_images': int(len(job.x_class)) if job.prior else 0,
+            'lora_parameters': int(sum(np.size(x) for x in jax.tree.leaves(lp))),
+            'command': shlex.join(['python', *sys.argv]),
+            'jax': jax.__version__, 'backend': jax.default_backend()}
+  trainer.write_outputs(workdir, result)
+  logging.info('LoRA in %s', os.path.join(workdir, 'lora'))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)
