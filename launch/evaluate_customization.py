@@ -127,8 +127,8 @@ def pareto_figure(path: str, rows: dict, reference_word: str) -> None:
         pts.sort(key=lambda p: p[2])
       ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour, label=name)
       for x, y, v in pts:
-        ax.annotate(f'{v:g}' if family != 'decor_rank' else f'r{v:g}'.replace('r0', 'all'),
-                    (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
+        label = f'{v:g}' if family != 'decor_rank' else 'all' if v == 0 else f'r{v:g}'
+        ax.annotate(label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
     b = rows['base']
     ax.plot([b['colour_distance']], [b[key]], 'k*', label='base (no LoRA)')
     ax.set_xlabel('colour distance to the reference (visual alignment; lower is better)')

@@ -98,6 +98,9 @@ def read_images(path: str) -> np.ndarray:
 
 def reference_images(pipe, config) -> np.ndarray:
   d = config.data
+  if not d.images and not d.reference_digit:
+    raise ValueError('data.images must name the reference images (a .npz or a folder of '
+                     'images); only the digits world has built-in references (data.reference_digit)')
   x = read_images(d.images) if d.images else digits_references(d)
   size = pipeline.default_image_size(pipe)
   if x.shape[1:3] != size:

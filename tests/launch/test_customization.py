@@ -124,22 +124,29 @@ def test_latent_pipeline_from_an_image_folder(diffusers_pipeline_dir, tmp_path):
   rng = np.random.default_rng(0)
   for i in range(3):
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(refs / f'{i}.png')
-  flags = [f'pipeline_dir={diffusers_pipeline_dir}', f'data.images={refs}',
-           'data.instance_prompt=a photo of sks dog', 'prior.weight=1.0',
-           'prior.class_prompts=("a photo of a dog",)', 'prior.num_steps=2',
-           'decor.undesired=a photo', 'decor.train_strength=1.0', 'decor.rank=1']
+  # configs/decor/sd15.py (diffusers' DreamBooth LoRA defaults) scaled down to seconds.
+  sd15 = os.path.join(ROOT, 'configs', 'decor', 'sd15.py')
+  proc = _run('train_lora.py', f'--config={sd15}', f'--workdir={tmp_path / "none"}',
+              f'--config.pipeline_dir={diffusers_pipeline_dir}')
+  assert proc.returncode != 0 and 'data.images must name the reference images' in proc.stderr
+  flags = [f'pipeline_dir={diffusers_pipeline_dir}', f'data.images={refs}', 'prior.weight=1.0',
+           'prior.num_images=2', 'prior.num_steps=2', 'prior.generation_batch=2',
+           'decor.train_strength=1.0', 'decor.rank=1', 'lora.rank=2', 'lora.alpha=2.0',
+           'train.num_steps=2', 'train.batch_size=2', 'train.log_every=1',
+           'train.checkpoint_every=2']
   work = tmp_path / 'work'
-  proc = _run('train_lora.py', f'--config={CONFIG}:tiny', f'--workdir={work}',
+  proc = _run('train_lora.py', f'--config={sd15}', f'--workdir={work}',
               *[f'--config.{f}' for f in flags])
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((work / 'results.json').read_text())
   assert res['references'] == 3 and res['prior_images'] == 2
+  assert res['instance_prompt'] == 'a photo of sks dog'
   lp = lora.load(work / 'lora', pipe.unet_params)
   assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
       res['lora_parameters']
   # A reference of another size is refused, naming both sizes (nothing is resized).
   Image.fromarray(rng.integers(0, 256, (h + 8, w, 3), dtype=np.uint8)).save(refs / 'big.png')
-  proc = _run('train_lora.py', f'--config={CONFIG}:tiny', f'--workdir={tmp_path / "bad"}',
+  proc = _run('train_lora.py', f'--config={sd15}', f'--workdir={tmp_path / "bad"}',
               *[f'--config.{f}' for f in flags])
   assert proc.returncode != 0 and 'different sizes' in proc.stderr
   # The component analysis of this SD text encoder folder.
