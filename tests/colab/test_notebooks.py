@@ -205,3 +205,14 @@ def test_decor_runs_and_strength_zero_is_the_plain_pipeline(tmp_path):
   last = _stdout(code[-1])
   assert 'final check: strength 0 is the plain pipeline and the projection matches: OK' in last, \
       last
+
+
+def test_goar_runs_and_vmapped_retraining_equals_one_model(tmp_path):
+  nb = execute('goar.ipynb', "CONFIG_ARG = 'tiny'\nSEEDS = (0, 1)", tmp_path)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  figures = sum('image/png' in o.get('data', {}) for c in code for o in c.outputs)
+  assert figures >= 1, f'expected the notebook\'s plot, got {figures} images'
+  rho = next(_stdout(c) for c in code if 'Spearman with the ground-truth' in _stdout(c))
+  assert "'goar'" in rho, rho
+  last = _stdout(code[-1])
+  assert 'final check: vmapped retraining equals one model trained alone: OK' in last, last
