@@ -16,3 +16,6 @@ JAX_TRACEBACK_FILTERING=off timeout 120 python3 launch/train_duo.py \
   --config=configs/duo/digits.py:tiny --workdir=/tmp/duo_tiny > $OUT/train_duo_tiny.log 2>&1
 echo "train_duo tiny rc=$?"; grep -v Warn $OUT/train_duo_tiny.log | tail -40
 bench --config=small --pairs=4 --repeats=20 --attention_impl=jax --out=$OUT/duo_small_jax.json
+# GOAR: vmapped vs sequential retraining on the accelerator (CPU numbers in BENCHMARKS.md).
+timeout 240 python3 benchmarks/retrain_vmap.py --task=digits --models=15,75 2>&1 | grep '^{' | tee -a $OUT/retrain_vmap.txt
+timeout 180 python3 benchmarks/retrain_vmap.py --task=digits_cnn --models=15 2>&1 | grep '^{' | tee -a $OUT/retrain_vmap.txt
