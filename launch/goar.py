@@ -187,8 +187,8 @@ def metrics_of(task: Task, config, label: str) -> dict:
   return out
 
 
-def ranking(scores, higher_is_better: bool) -> list[int]:
-  """Rank of each method (1 = best)."""
+def ranking(scores, higher_is_better: bool) -> list[float]:
+  """Rank of each method (1 = best; ties share the mean rank)."""
   s = np.asarray(scores) * (1 if higher_is_better else -1)
   return (scipy.stats.rankdata(-s, method='average')).tolist()
 
