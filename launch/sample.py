@@ -4,9 +4,11 @@ r"""Sample images from a text-to-image pipeline: one image per (prompt, seed).
       --config.pipeline_dir=/path/to/stable-diffusion-v1-5 \
       --config.prompts="('a red apple', 'a blue car')" --config.seeds="(0, 1, 2)" --workdir=/tmp/s
 
-Writes to --workdir: `config.json` (the resolved config), `samples.png` (a grid:
-`prompts_per_row` consecutive prompts per row, each with one column per seed), `samples.npz` (images (N, H, W, C) in [0, 1], and each image's prompt
-and seed) and `results.json` (timings and settings).
+Writes to --workdir (a local folder or gs://bucket/path): `config.json` (the resolved config),
+`samples.png` (a grid: `prompts_per_row` consecutive prompts per row, each with one column per
+seed), `samples.npz` (images (N, H, W, C) in [0, 1], and each image's prompt and seed) and
+`results.json` (metrics: timings, image count and size). Multi-host (--jax_distributed): every
+process runs the same batches, each sharded over all devices; process 0 writes.
 
 The seed fixes an image's initial noise, so an image depends only on its prompt, its seed and the
 settings, not on which batch it ran in (the step noise of stochastic samplers does depend on the
@@ -16,16 +18,13 @@ minus the same batch's steady-state time); `sampling_s` then covers every batch.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, models, runs
 from diffgeo_jax.images import grid
 from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.digits import dataset
@@ -59,11 +58,10 @@ def initial_noise(pipe, seed: int, height: int, width: int) -> jax.Array:
 
 def main(argv):
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
-  pipe = pipeline.replicate(load(config))  # params on every device once, not per batch
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value)
+  with run.timed('load'):
+    pipe = pipeline.replicate(load(config))  # params on every device once, not per batch
   dh, dw = pipeline.default_image_size(pipe) if not (config.height and config.width) else (0, 0)
   height, width = config.height or dh, config.width or dw
   prompts, seeds = list(config.prompts), [int(s) for s in config.seeds]
@@ -75,32 +73,25 @@ def main(argv):
   batch_size = min(config.batch_size or len(jobs), len(jobs))
   logging.info('%d images (%d prompts x %d seeds) of %dx%d in batches of %d on %d device(s)',
                len(jobs), len(prompts), len(seeds), height, width, batch_size, jax.device_count())
-  images, timing = pipeline.generate(
-      pipe, [p for p, _ in jobs], jnp.concatenate([noise[s] for _, s in jobs]), jax.random.key(0),
-      batch_size, num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-      negative_prompts=config.negative_prompt, sampler=config.sampler, eta=config.eta,
-      height=height, width=width, guidance_rescale=config.guidance_rescale)
+  with run.timed('sampling'):
+    images, timing = pipeline.generate(
+        pipe, [p for p, _ in jobs], jnp.concatenate([noise[s] for _, s in jobs]),
+        jax.random.key(0), batch_size, num_steps=config.num_steps,
+        guidance_scale=config.guidance_scale, negative_prompts=config.negative_prompt,
+        sampler=config.sampler, eta=config.eta, height=height, width=width,
+        guidance_rescale=config.guidance_rescale)
 
   per_row = config.prompts_per_row if len(prompts) % max(config.prompts_per_row, 1) == 0 else 1
   if per_row != config.prompts_per_row:
     logging.info('%d prompts do not split into rows of %d: one grid row per prompt', len(prompts),
                  config.prompts_per_row)
   per_row = max(per_row, 1)
-  grid(images, len(prompts) // per_row, per_row * len(seeds), config.grid_scale).save(
-      os.path.join(workdir, 'samples.png'))
-  np.savez(os.path.join(workdir, 'samples.npz'), images=images,
-           prompts=np.array([p for p, _ in jobs]), seeds=np.array([s for _, s in jobs]))
-  results = {
-      **timing,
-      'num_images': len(jobs), 'image_shape': list(images.shape[1:]),
-      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
-      'settings': {k: config[k] for k in (
-          'pipeline_dir', 'sampler', 'num_steps', 'guidance_scale', 'guidance_rescale', 'eta',
-          'negative_prompt', 'batch_size')} | {'height': height, 'width': width},
-  }
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  logging.info('wrote %s: %s', workdir, json.dumps(results))
+  run.save_image('samples.png', grid(images, len(prompts) // per_row, per_row * len(seeds),
+                                     config.grid_scale))
+  run.save_npz('samples.npz', images=images, prompts=np.array([p for p, _ in jobs]),
+               seeds=np.array([s for _, s in jobs]))
+  run.finish({**timing, 'num_images': len(jobs), 'image_shape': list(images.shape[1:]),
+              'height': height, 'width': width})
 
 
 if __name__ == '__main__':

@@ -2,20 +2,20 @@ r"""Train a text-to-image diffusion model (text encoder and UNet jointly, from s
 
     python launch/train_t2i.py --config=configs/digits/t2i.py --workdir=/tmp/digits_t2i \
       [--config.export_dir=/tmp/digits_pipeline] [--jax_distributed]
+    # a pod: launch/tpu_pod.py ... --binary=launch/train_t2i.py -- --config=... --workdir=gs://b/run
 
 The loss is the epsilon-prediction MSE of DDPM at uniformly drawn integer timesteps; about 10% of
 captions are empty so the model also learns the unconditional prediction classifier-free guidance
-needs. Writes to --workdir: `config.json`, `checkpoints/` (orbax; a rerun resumes from the latest),
-`tensorboard/`, `pipeline/` (the EMA weights as a diffusers pipeline folder, also written to
-`export_dir` when set) and `results.json`.
+needs. Writes to --workdir (local or gs://): `config.json`, `checkpoints/` (orbax; a rerun resumes
+from the latest), `tensorboard/`, `pipeline/` (the EMA weights as a diffusers pipeline folder, also
+written to `export_dir` when set) and `results.json`.
+
+Multi-host: every process builds the same global batch of a step from (seed, step) and feeds its
+own rows of it, so a run on N processes computes the same updates as one process with the same
+global batch.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,32 +23,27 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, distributed, models, paths, runs
 from diffgeo_jax.models import unet as unet_lib
 from diffgeo_jax.diffusion import schedules
 from diffgeo_jax.digits import dataset, tokenizer
-from diffgeo_jax.training import sharding, trainer
+from diffgeo_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (configs/digits/t2i.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 
 class Job:
   """The models, schedule, data and loss of one text-to-image training config."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config):
     self.config = config
     self.unet = models.UNet2DConditionModel(
         models.UNet2DConditionConfig.from_dict(config.unet.to_dict()))
     self.text = models.CLIPTextModel(models.CLIPTextConfig.from_dict(config.text_encoder.to_dict()))
     self.schedule = schedules.from_diffusers_config(config.scheduler.to_dict())
-    self.tokenizer_dir = os.path.join(workdir, 'tokenizer')
-    if jax.process_index() == 0 or not os.path.isdir(self.tokenizer_dir):
-      tokenizer.write(self.tokenizer_dir)
-    self.tokenizer = models.load_tokenizer(self.tokenizer_dir)
+    self.tokenizer = tokenizer.load()
     self.split = dataset.load('train', seed=config.data.split_seed)
     # Captions come from a closed set: tokenize each once.
     captions = [''] + [dataset.caption(d, c) for d in range(10) for c in range(len(dataset.COLOURS))]
@@ -75,12 +70,13 @@ class Job:
     return jnp.mean((eps - noise) ** 2), {}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s batch: a function of (seed, step, process) alone."""
+    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
     c = self.config.train
-    rows = c.batch_size // jax.process_count()
-    rng = np.random.default_rng([c.seed, step, jax.process_index()])
-    b = dataset.sample_batch(rng, self.split, rows, self.config.data.empty_caption_prob)
-    return {'images': b['images'], 'input_ids': np.stack([self.ids[s] for s in b['captions']])}
+    rng = np.random.default_rng([c.seed, step])
+    b = dataset.sample_batch(rng, self.split, c.batch_size, self.config.data.empty_caption_prob)
+    rows = distributed.process_rows(c.batch_size)
+    return {'images': b['images'][rows],
+            'input_ids': np.stack([self.ids[s] for s in b['captions'][rows]])}
 
   def pipeline(self, params: dict) -> models.Pipeline:
     scheduler = {'_class_name': 'DDPMScheduler', **self.config.scheduler.to_dict()}
@@ -93,26 +89,24 @@ class Job:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  job = Job(config, workdir)
-  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn)
-  state, result = run.run()
-  if jax.process_index() != 0:
-    return
-  params = jax.device_get(state.ema_params)
-  out = os.path.join(workdir, 'pipeline')
-  models.save_pipeline(out, job.pipeline(params))
-  # transformers 5 saves only tokenizer.json; the BPE files keep older transformers (and any CLIP
-  # BPE reader) able to load the tokenizer.
-  tokenizer.write(os.path.join(out, 'tokenizer'))
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  job = Job(config)
+  with run.timed('training'):
+    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
+                                    job.batch_fn).run()
+  params = distributed.to_host(state.ema_params)
   n_params = {k: int(sum(np.size(p) for p in jax.tree.leaves(v))) for k, v in params.items()}
-  result = {**result, 'parameters': n_params, 'train_images': len(job.split),
-            'command': shlex.join(['python', *sys.argv]),
-            'jax': jax.__version__, 'backend': jax.default_backend()}
-  with open(os.path.join(out, 'training.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  trainer.write_outputs(workdir, result, out, config.export_dir)
+  result = {**result, 'parameters': n_params, 'train_images': len(job.split)}
+  if run.is_main:
+    with run.folder('pipeline', config.export_dir) as out:
+      models.save_pipeline(out, job.pipeline(params))
+      # transformers 5 saves only tokenizer.json; the BPE files keep older transformers (and any
+      # CLIP BPE reader) able to load the tokenizer.
+      tokenizer.write(f'{out}/tokenizer')
+      training = run.results(result)
+      paths.write_json(f'{out}/training.json', training)
+  run.finish(result)
 
 
 if __name__ == '__main__':

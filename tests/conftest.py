@@ -31,7 +31,7 @@ def tiny_digits_pipeline_dir(tmp_path_factory):
   from diffgeo_jax import models
   from launch import train_t2i
   path = tmp_path_factory.mktemp('digits')
-  job = train_t2i.Job(t2i.get_config('tiny'), str(path / 'work'))
+  job = train_t2i.Job(t2i.get_config('tiny'))
   params = job.init_fn(jax.random.key(0))
   models.save_pipeline(path / 'pipeline', job.pipeline(params))
   return path / 'pipeline'

@@ -15,11 +15,13 @@ Guidance: classifier-free guidance runs unless `guidance_scale == 1` (then the m
 prompt: the same result at half the cost). diffusers skips guidance for every scale <= 1; here a
 scale below 1 is honoured (0 gives the unconditional model).
 
-Several devices: the batch is sharded over the `data` axis of a one-axis `Mesh` and the
-parameters are replicated (`replicate(pipe)` does that once, instead of a copy per call). A batch
-that does not divide the device count is PADDED (with copies of its last sample) and the padding
-is dropped from the result; deterministic samplers give the unpadded answer, stochastic ones
-(ddpm, ddim with eta > 0) draw their step noise for the padded shape. The VAE encoder of
+Several devices (and several processes, each with the same inputs): the batch is sharded over
+the `data` axis of `distributed.make_mesh()`, the results come back replicated on every device
+(so `np.asarray` works on every process of a pod), and the parameters are replicated
+(`replicate(pipe)` does that once, instead of a copy per call). A batch that does not divide the
+device count is PADDED (with copies of its last sample) and the padding is dropped from the
+result; deterministic samplers give the unpadded answer, stochastic ones (ddpm, ddim with
+eta > 0) draw their step noise for the padded shape. The VAE encoder of
 `image_to_image` runs unsharded (one call, no loop).
 """
 
@@ -36,8 +38,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from diffgeo_jax import distributed
 from diffgeo_jax.diffusion import chromatography, guidance, samplers, schedules
 from diffgeo_jax.text import decor as decor_lib
 
@@ -140,30 +143,18 @@ def encode_prompts(pipe, prompts) -> jax.Array:
 # -- sharding --------------------------------------------------------------------------------------
 
 def _mesh() -> Mesh | None:
-  devices = jax.devices()
-  return Mesh(np.asarray(devices), ('data',)) if len(devices) > 1 else None
+  """The `data` axis over every process's devices (None on one device: nothing to shard)."""
+  return distributed.make_mesh() if jax.device_count() > 1 else None
 
 
 def _shard_batch(mesh: Mesh | None, arrays: dict[str, Any]) -> dict[str, Any]:
   """Pads each (B, ...) array to a multiple of the device count and shards it over `data`."""
-  if mesh is None:
-    return arrays
-  n = mesh.devices.size
-  out = {}
-  for name, a in arrays.items():
-    if a is None:
-      out[name] = None
-      continue
-    pad = -a.shape[0] % n
-    if pad:
-      a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
-    out[name] = jax.device_put(a, NamedSharding(mesh, PartitionSpec('data')))
-  return out
+  return arrays if mesh is None else distributed.shard_batch(mesh, arrays)
 
 
 def _replicate(mesh: Mesh | None, tree):
   # A no-op for arrays already replicated (see `replicate`); otherwise a copy to every device.
-  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return tree if mesh is None else distributed.replicate(mesh, tree)
 
 
 def replicate(pipe):
@@ -202,8 +193,9 @@ def decode(pipe, x0) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
-               return_trajectory, upsample=None, switched=False):
-  """The jitted sampler + decoder for these static settings (jax.jit adds one cache per shape)."""
+               return_trajectory, upsample=None, switched=False, mesh=None):
+  """The jitted sampler + decoder for these static settings (jax.jit adds one cache per shape).
+  On a `mesh` its outputs are replicated on every device, so every process can read them."""
   # Built outside the trace: samplers read the schedule with numpy to lay out their grids.
   s = _schedule(schedule_json)
 
@@ -226,7 +218,9 @@ def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, gu
     x0, traj = out if return_trajectory else (out, None)
     return _to_images(vae, vae_params, x0), traj
 
-  return jax.jit(generate)
+  if mesh is None:
+    return jax.jit(generate)
+  return jax.jit(generate, out_shardings=distributed.replicated(mesh))
 
 
 def encode_images(pipe, images, key: jax.Array) -> jax.Array:
@@ -261,7 +255,7 @@ def _run(pipe, prompts, negatives, x_start, key, *, first_step, num_steps, guida
   generate = _generator(pipe.unet, pipe.vae, json.dumps(pipe.scheduler_config, sort_keys=True),
                         sampler, num_steps, first_step, float(eta), guided,
                         guided and guidance_rescale != 0, return_trajectory, upsample_guidance,
-                        switched)
+                        switched, mesh)
   images, traj = generate(unet_params, vae_params, batch['x'], batch['cond'], batch['uncond'],
                           jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key,
                           batch['cond_late'],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from diffgeo_jax.digits import dataset
 
@@ -83,6 +84,16 @@ def write(folder: str, words=WORDS, max_length: int = MAX_LENGTH) -> None:
   with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
     json.dump({'tokenizer_class': 'CLIPTokenizer', 'model_max_length': max_length,
                'do_lower_case': True, **special}, f, indent=2)
+
+
+def load(words=WORDS, max_length: int = MAX_LENGTH):
+  """The `CLIPTokenizer` that `write(folder, words, max_length)` describes, built in a temporary
+  folder (the files are a function of the words alone, so every process of a run builds the same
+  tokenizer without sharing a disk)."""
+  from diffgeo_jax import models  # noqa: PLC0415 (models imports transformers; keep this module light)
+  with tempfile.TemporaryDirectory(prefix='digits_tokenizer_') as folder:
+    write(folder, words, max_length)
+    return models.load_tokenizer(folder)
 
 
 def vocab_size(words=WORDS) -> int:

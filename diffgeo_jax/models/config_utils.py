@@ -25,12 +25,13 @@ class ConfigError(ValueError):
 
 def read_json(path: str | os.PathLike) -> dict:
   """Reads a JSON object, with errors that name the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  from diffgeo_jax import paths  # noqa: PLC0415 (epath, for gs:// folders)
+  file = paths.resolve(path, 'path')
+  path = os.fspath(file)
+  if not file.is_file():
     raise FileNotFoundError(f'config file not found: {path}')
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f'{path} is not valid JSON: {e}') from e
   if not isinstance(data, dict):

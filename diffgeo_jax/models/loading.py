@@ -9,6 +9,12 @@ Weights: `<stem>[.<variant>].safetensors`, or shards listed in `<stem>.safetenso
 read with numpy (fp16 / bf16 files load into float32 parameters). PyTorch pickles (`*.bin`) are read
 only when the caller passes `allow_pickle=True`, and then with `torch.load(weights_only=True)`.
 `save_*` write the same layout, so models trained here load in diffusers / transformers.
+
+Folders may be local or on Cloud Storage (`gs://bucket/sd15`, through etils epath + gcsfs), so pod
+workers need no hand-copied weights: JSON and safetensors files are read straight into memory
+(no local copy); only tokenizer folders (small, and read by transformers from local files) and
+explicitly allowed pickles are staged once per host under `paths.cache_dir()`. `save_*` to gs://
+write a local temporary folder and upload it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import safetensors.numpy
 from absl import logging
 
+from diffgeo_jax import paths
 from diffgeo_jax.models import clip, config_utils, convert, unet, vae
 
 PathLike = str | os.PathLike
@@ -61,47 +68,49 @@ def _with_variant(name: str, variant: str | None) -> str:
   return f'{stem}.{variant}.{ext}'
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+def _load_safetensors(path) -> dict[str, np.ndarray]:
   try:
-    return safetensors.numpy.load_file(path)
+    if paths.is_remote(path):  # read into memory: no local copy of a multi-GB file
+      return safetensors.numpy.load(path.read_bytes())
+    return safetensors.numpy.load_file(os.fspath(path))
   except Exception as e:  # safetensors raises several types for a corrupt file
     raise ValueError(f'cannot read safetensors file {path}: {e}') from e
 
 
 def read_state_dict(folder: PathLike, stem: str, bin_name: str, variant: str | None = None,
                     allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """The torch-layout state dict stored in `folder`, as numpy arrays."""
-  folder = os.fspath(folder)
-  single = os.path.join(folder, _with_variant(f'{stem}.safetensors', variant))
-  index = os.path.join(folder, _with_variant(f'{stem}.safetensors.index.json', variant))
-  pickle = os.path.join(folder, _with_variant(bin_name, variant))
-  if os.path.isfile(single):
+  """The torch-layout state dict stored in `folder` (local or gs://), as numpy arrays."""
+  folder = paths.resolve(folder, 'folder')
+  single = folder / _with_variant(f'{stem}.safetensors', variant)
+  index = folder / _with_variant(f'{stem}.safetensors.index.json', variant)
+  pickle = folder / _with_variant(bin_name, variant)
+  if single.is_file():
     return _load_safetensors(single)
-  if os.path.isfile(index):
+  if index.is_file():
     weight_map = config_utils.read_json(index).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index} has no "weight_map" object')
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-      shard_path = os.path.join(folder, shard)
-      if not os.path.isfile(shard_path):
+      shard_path = folder / shard
+      if not shard_path.is_file():
         raise FileNotFoundError(f'shard {shard} listed in {index} is missing')
       out.update(_load_safetensors(shard_path))
     missing = sorted(set(weight_map) - set(out))
     if missing:
       raise ValueError(f'{index} lists keys that its shards do not hold: {missing}')
     return out
-  if os.path.isfile(pickle):
+  if pickle.is_file():
     if not allow_pickle:
-      raise ValueError(f'{folder} holds only the PyTorch pickle {os.path.basename(pickle)}; '
+      raise ValueError(f'{folder} holds only the PyTorch pickle {pickle.name}; '
                        'unpickling can run arbitrary code, so pass allow_pickle=True if you trust it')
     import torch  # only on this explicitly allowed path
-    sd = torch.load(pickle, map_location='cpu', weights_only=True)
+    sd = torch.load(paths.local_file(pickle), map_location='cpu', weights_only=True)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
-  listing = sorted(os.listdir(folder)) if os.path.isdir(folder) else '(folder does not exist)'
+  listing = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else '(folder does not exist)'
   raise FileNotFoundError(
-      f'no weights in {folder}: looked for {os.path.basename(single)}, {os.path.basename(index)}'
-      f'{", " + os.path.basename(pickle) if allow_pickle else ""}; found {listing}')
+      f'no weights in {folder}: looked for {single.name}, {index.name}'
+      f'{", " + pickle.name if allow_pickle else ""}; found {listing}')
 
 
 def _class_name(cfg: Mapping[str, Any], default: str) -> str:
@@ -117,8 +126,8 @@ def load_model(folder: PathLike, default_class: str, *, class_name: str | None =
   """(model, params) from a diffusers/transformers model folder.
 
   `dtype`: activation dtype; `param_dtype`: dtype of the returned parameters."""
-  folder = os.fspath(folder)
-  config_path = os.path.join(folder, 'config.json')
+  folder = paths.resolve(folder, 'folder')
+  config_path = os.fspath(folder / 'config.json')
   cfg = config_utils.read_json(config_path)
   name = class_name or _class_name(cfg, default_class)
   if name not in KINDS:
@@ -156,6 +165,9 @@ def save_model(folder: PathLike, model: Any, params: Any, *, dtype: Any = None,
   if name not in KINDS:
     raise ValueError(f'cannot save a {name}; supported: {sorted(KINDS)}')
   kind = KINDS[name]
+  if paths.is_remote(folder):  # safetensors writes local files: write them here, then upload
+    with paths.writable_folder(folder) as local:
+      return save_model(local, model, params, dtype=dtype, variant=variant)
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
   state = convert.flax_to_torch(jax.device_get(params), dtype=dtype)
@@ -204,7 +216,7 @@ class Pipeline:
 def load_tokenizer(folder: PathLike):
   """`transformers.CLIPTokenizer` from a folder with tokenizer.json (what transformers 5 writes) or
   vocab.json + merges.txt (older folders, e.g. Stable Diffusion's)."""
-  folder = os.fspath(folder)
+  folder = paths.local_folder(folder, 'tokenizer folder')  # transformers reads local files
   has = lambda name: os.path.isfile(os.path.join(folder, name))
   if not (has('tokenizer.json') or (has('vocab.json') and has('merges.txt'))):
     raise FileNotFoundError(f'no tokenizer files in {folder}: expected tokenizer.json, or vocab.json '
@@ -216,8 +228,8 @@ def load_tokenizer(folder: PathLike):
 def load_pipeline(folder: PathLike, **model_kwargs) -> Pipeline:
   """Loads a diffusers pipeline folder. `model_kwargs` (dtype, param_dtype, variant,
   allow_pickle, attention_impl) go to every model."""
-  folder = os.fspath(folder)
-  index_path = os.path.join(folder, 'model_index.json')
+  folder = paths.resolve(folder, 'folder')
+  index_path = os.fspath(folder / 'model_index.json')
   index = config_utils.read_json(index_path)
   parts: dict[str, Any] = {'class_name': index.get('_class_name', 'StableDiffusionPipeline')}
   skipped = []
@@ -232,14 +244,14 @@ def load_pipeline(folder: PathLike, **model_kwargs) -> Pipeline:
                                      f'got {spec!r}')
     if spec[1] is None:
       continue
-    sub = os.path.join(folder, name)
+    sub = folder / name
     if name in _MODEL_COMPONENTS:
       model, params = load_model(sub, _MODEL_COMPONENTS[name], class_name=spec[1], **model_kwargs)
       parts[name], parts[f'{name}_params'] = model, params
     elif name in _TOKENIZERS:
       parts[name] = load_tokenizer(sub)
     elif name == 'scheduler':
-      parts['scheduler_config'] = config_utils.read_json(os.path.join(sub, 'scheduler_config.json'))
+      parts['scheduler_config'] = config_utils.read_json(sub / 'scheduler_config.json')
     else:
       skipped.append(name)
   for required in ('unet', 'text_encoder', 'tokenizer', 'scheduler_config'):
@@ -251,7 +263,11 @@ def load_pipeline(folder: PathLike, **model_kwargs) -> Pipeline:
 
 
 def save_pipeline(folder: PathLike, pipe: Pipeline, **save_kwargs) -> None:
-  """Writes `pipe` as a diffusers pipeline folder (loadable by `load_pipeline` and diffusers)."""
+  """Writes `pipe` as a diffusers pipeline folder (loadable by `load_pipeline` and diffusers),
+  local or gs://."""
+  if paths.is_remote(folder):
+    with paths.writable_folder(folder) as local:
+      return save_pipeline(local, pipe, **save_kwargs)
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
   index: dict[str, Any] = {'_class_name': pipe.class_name, '_diffusers_version': '0.42.1',

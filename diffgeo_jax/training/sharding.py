@@ -1,4 +1,4 @@
-"""Device mesh, sharding rules and multi-host start-up for training.
+"""Sharding rules for training: which parameters split over which mesh axis.
 
 One `Mesh` with named axes `data` (batch) and `model` (parameter sharding). Parameters, optimizer
 state and EMA get `NamedSharding`s from rules: a list of `(regex, spec)` matched against the
@@ -16,21 +16,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# The mesh lives with the other multi-device helpers; re-exported for the training code.
+from diffgeo_jax.distributed import batch_sharding, make_mesh, replicated  # noqa: F401
+
 Spec = PartitionSpec | Callable[[tuple[int, ...]], PartitionSpec]
 Rules = Sequence[tuple[str, Spec]]
-
-
-def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, model) mesh over `devices` (default: all). `data=-1` takes what `model` leaves."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if model < 1 or n % model:
-    raise ValueError(f'model={model} must be >= 1 and divide the number of devices ({n})')
-  if data == -1:
-    data = n // model
-  if data * model != n:
-    raise ValueError(f'data * model = {data} * {model} must equal the number of devices ({n})')
-  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
 
 
 def path_str(path) -> str:
@@ -78,15 +68,6 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = ()) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over `data`, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec('data'))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
 def put_batch(batch: Any, mesh: Mesh) -> Any:
   """This process's part of a global batch -> global arrays sharded over `data`.
 
@@ -102,10 +83,3 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
                        f'data-parallel devices, got shape {x.shape}')
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree.map(one, batch)
-
-
-def initialize_distributed(enabled: bool) -> None:
-  """`jax.distributed.initialize()` for multi-host runs (Cloud TPU pods find their peers from the
-  environment); a no-op when `enabled` is False."""
-  if enabled:
-    jax.distributed.initialize()

@@ -26,6 +26,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from diffgeo_jax import paths
+
 __all__ = ['SummaryWriter', 'read_scalars', 'crc32c', 'masked_crc32c']
 
 
@@ -173,37 +175,54 @@ def _parse_scalars(event: bytes) -> tuple[int, list[tuple[str, float]]]:
 # ---------------------------------------------------------------------------------------------
 
 class SummaryWriter:
-  """Appends scalar events to `logdir/events.out.tfevents.<time>.<hostname>`.
+  """Appends scalar events to `logdir/events.out.tfevents.<time>.<hostname>` (local or gs://).
 
-  Each `scalar`/`scalars` call is one record, written and flushed at once, so TensorBoard sees it
-  immediately and a killed process loses nothing already logged. With `enabled=False` (every
-  process but the first on a pod) nothing is created and every method does nothing.
+  Locally each `scalar`/`scalars` call is one record, written and flushed at once, so TensorBoard
+  sees it immediately and a killed process loses nothing already logged. Cloud Storage objects
+  cannot be appended to: there the records collect in memory and every `flush()` (the trainer
+  flushes at each log line) rewrites the whole object, so a killed process loses only what came
+  after its last flush. With `enabled=False` (every process but the first on a pod) nothing is
+  created and every method does nothing.
   """
 
-  def __init__(self, logdir: str, *, enabled: bool = True):
+  def __init__(self, logdir, *, enabled: bool = True):
     self.enabled = enabled
     self.path = None
     self._file = None
+    self._remote: bytearray | None = None
+    self._closed = False
     if not enabled:
       return
-    os.makedirs(logdir, exist_ok=True)
-    base = os.path.join(logdir, f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}')
-    path, n = base, 0
-    while True:  # 'x' mode: never append to another writer's file of the same second
-      try:
-        self._file = open(path, 'xb')
-        break
-      except FileExistsError:
+    logdir = paths.resolve(logdir, 'logdir')
+    base = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+    if paths.is_remote(logdir):
+      self.path, n = logdir / base, 0
+      while self.path.exists():  # never overwrite another writer's file of the same second
         n += 1
-        path = f'{base}.{n}'
-    self.path = path
+        self.path = logdir / f'{base}.{n}'
+      self._remote = bytearray()
+    else:
+      os.makedirs(logdir, exist_ok=True)
+      path, n = os.path.join(logdir, base), 0
+      while True:  # 'x' mode: never append to another writer's file of the same second
+        try:
+          self._file = open(path, 'xb')
+          break
+        except FileExistsError:
+          n += 1
+          path = f'{os.path.join(logdir, base)}.{n}'
+      self.path = path
     self._write(_event(time.time(), 0, file_version='brain.Event:2'))
+    self.flush()
 
   def _write(self, event: bytes):
-    if self._file is None:
+    if self._closed:
       raise ValueError(f'SummaryWriter for {self.path} is closed')
-    self._file.write(_record(event))
-    self._file.flush()
+    if self._remote is not None:
+      self._remote += _record(event)
+    else:
+      self._file.write(_record(event))
+      self._file.flush()
 
   def scalar(self, tag: str, value, step: int):
     self.scalars({tag: value}, step)
@@ -227,13 +246,19 @@ class SummaryWriter:
       self._write(_event(time.time(), int(step), values=packed))
 
   def flush(self):
-    if self._file is not None:
+    if self._closed or not self.enabled:
+      return
+    if self._remote is not None:
+      self.path.write_bytes(bytes(self._remote))
+    else:
       self._file.flush()
 
   def close(self):
-    if self._file is not None:
-      self._file.close()
-      self._file = None
+    if self.enabled and not self._closed:
+      self.flush()
+      if self._file is not None:
+        self._file.close()
+      self._closed = True
 
   def __enter__(self) -> SummaryWriter:
     return self
@@ -242,9 +267,8 @@ class SummaryWriter:
     self.close()
 
 
-def _records(path: str) -> Iterator[bytes]:
-  with open(path, 'rb') as f:
-    buf = f.read()
+def _records(path) -> Iterator[bytes]:
+  buf = paths.resolve(path).read_bytes()
   pos = 0
   while pos < len(buf):
     if pos + 12 > len(buf):
@@ -265,22 +289,23 @@ def _records(path: str) -> Iterator[bytes]:
     pos = end + 4
 
 
-def read_scalars(path_or_dir: str) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(path_or_dir) -> dict[str, list[tuple[int, float]]]:
   """`{tag: [(step, value), ...]}` in write order from an event file, or from every
   `events.out.tfevents.*` file of a folder (in file name order, i.e. by creation time).
 
   Reads `simple_value` scalars (what this writer and PyTorch's write); other summaries are skipped.
   Raises ValueError on a crc mismatch, a truncated record or a malformed event.
   """
-  if os.path.isdir(path_or_dir):
-    paths = sorted(os.path.join(path_or_dir, n) for n in os.listdir(path_or_dir)
-                   if n.startswith('events.out.tfevents.'))
-  elif os.path.isfile(path_or_dir):
-    paths = [path_or_dir]
+  where = paths.resolve(path_or_dir)
+  if where.is_dir():
+    files = sorted((p for p in where.iterdir() if p.name.startswith('events.out.tfevents.')),
+                   key=lambda p: p.name)
+  elif where.is_file():
+    files = [where]
   else:
     raise FileNotFoundError(f'no event file or folder at {path_or_dir}')
   out = collections.defaultdict(list)
-  for path in paths:
+  for path in files:
     for data in _records(path):
       try:
         step, scalars = _parse_scalars(data)

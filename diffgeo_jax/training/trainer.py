@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from diffgeo_jax import distributed, paths
 from diffgeo_jax.training import sharding, summary
 
 # Fields that may change between a run and its resumption (how long and how it reports, not what
@@ -150,7 +150,7 @@ def _quiet_orbax() -> None:
 class Trainer:
   """Runs `config.train.num_steps` updates in `workdir`, resuming from its latest checkpoint."""
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: str | os.PathLike  # local or gs://
   init_fn: Callable[[jax.Array], Any]
   loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
   batch_fn: Callable[[int], Any]
@@ -168,7 +168,8 @@ class Trainer:
                        f'of the mesh ({self.mesh.devices.shape[0]} devices)')
     self.tx = make_optimizer(self.c)
     self.is_main = jax.process_index() == 0
-    self.ckpt_dir = os.path.join(os.path.abspath(self.workdir), 'checkpoints')
+    self.workdir = paths.resolve(self.workdir, 'workdir')
+    self.ckpt_dir = self.workdir / 'checkpoints'
 
   # -- state ---------------------------------------------------------------------------------------
 
@@ -206,19 +207,17 @@ class Trainer:
                    out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
   def _check_config(self, manager: ocp.CheckpointManager) -> None:
-    path = os.path.join(self.workdir, 'config.json')
-    if manager.latest_step() is not None and os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
+    path = self.workdir / 'config.json'
+    if manager.latest_step() is not None and path.exists():
+      saved = json.loads(path.read_text())
       diffs = config_differences(saved, self.config.to_dict())
       if diffs:
         raise ValueError(f'--workdir {self.workdir} holds checkpoints of a run with a different '
                          'config; use a new workdir, or restore the config. Differing fields '
                          '(saved -> given):\n  ' + '\n  '.join(diffs))
+    distributed.barrier('config.json read')  # every process compared before it changes
     if self.is_main:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(path, 'w') as f:
-        json.dump(json.loads(self.config.to_json_best_effort()), f, indent=2, sort_keys=True)
+      paths.write_json(path, json.loads(self.config.to_json_best_effort()), sort_keys=True)
 
   def manager(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=self.c.keep_checkpoints, create=True,
@@ -258,7 +257,7 @@ class Trainer:
       logging.info('resumed from the checkpoint at step %d in %s', start, self.ckpt_dir)
     step_fn = self.compiled_step()
     frozen = self.put_frozen()
-    writer = summary.SummaryWriter(os.path.join(self.workdir, 'tensorboard'), enabled=self.is_main)
+    writer = summary.SummaryWriter(self.workdir / 'tensorboard', enabled=self.is_main)
     pending: list[tuple[int, dict]] = []  # device metrics not yet read (reading blocks dispatch)
     history: list[float] = []
     t0, timed_from = time.time(), None
@@ -310,17 +309,6 @@ class Trainer:
                                  'checkpoint before it is intact: lower the learning rate or '
                                  'check the batch of that step, then resume.')
     return rows
-
-
-def write_outputs(workdir: str, result: dict, folder: str | None = None,
-                  export_dir: str = '') -> None:
-  """The end of every training binary: `results.json` in `workdir`, and the exported model
-  `folder` (inside the workdir) copied to `export_dir` when one is given."""
-  if folder and export_dir:
-    shutil.copytree(folder, export_dir, dirs_exist_ok=True)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  logging.info('done: %s', json.dumps(result))
 
 
 def _hms(seconds: float) -> str:

@@ -50,10 +50,13 @@ def test_sample_writes_grid_npz_and_results(tmp_path, diffusers_pipeline_dir):
   np.testing.assert_allclose(images[3:], want, atol=1e-5)
 
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['num_images'] == 4 and results['image_shape'] == [h, w, 3]
-  assert results['compile_s'] >= 0 and results['sampling_s'] > 0
-  np.testing.assert_allclose(results['images_per_s'], 4 / results['sampling_s'], rtol=1e-6)
-  assert results['settings']['sampler'] == 'ddim' and results['settings']['num_steps'] == 3
+  metrics = results['metrics']
+  assert metrics['num_images'] == 4 and metrics['image_shape'] == [h, w, 3]
+  assert metrics['compile_s'] >= 0 and metrics['sampling_s'] > 0
+  np.testing.assert_allclose(metrics['images_per_s'], 4 / metrics['sampling_s'], rtol=1e-6)
+  assert results['config']['sampler'] == 'ddim' and results['config']['num_steps'] == 3
+  assert results['binary'] == 'sample' and results['runtime']['processes'] == 1
+  assert results['wall_s']['sampling'] <= results['wall_s']['total']
 
   png = np.asarray(Image.open(tmp_path / 'samples.png'))
   assert png.shape == (2 * h, 2 * w, 3)  # 2 rows (prompts) x 2 columns (seeds)

@@ -38,7 +38,7 @@ def test_exported_pipeline_loads_in_pytorch_with_same_outputs(tiny_digits_pipeli
 
 
 def test_loss_is_the_epsilon_mse_and_batches_are_deterministic(tmp_path):
-  job = train_t2i.Job(t2i.get_config('tiny'), str(tmp_path))
+  job = train_t2i.Job(t2i.get_config('tiny'))
   params = job.init_fn(jax.random.key(0))
   batch = job.batch_fn(5)
   chex.assert_trees_all_equal(batch, job.batch_fn(5))

@@ -63,8 +63,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
                        capture_output=True, text=True)
   with open(cut / 'results.json') as f:
     resumed = json.load(f)
-  assert resumed['resumed_from_step'] >= killed_at, out.stderr[-2000:]
-  assert resumed['resumed_from_step'] > 0
+  assert resumed['metrics']['resumed_from_step'] >= killed_at, out.stderr[-2000:]
+  assert resumed['metrics']['resumed_from_step'] > 0
 
   step_a, a = _final_params(full)
   step_b, b = _final_params(cut)
@@ -81,7 +81,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     from diffgeo_jax.training import sharding, trainer
     assert jax.device_count() == 8, jax.devices()
     config = t2i.get_config('tiny')
-    job = train_t2i.Job(config, {workdir!r})
+    job = train_t2i.Job(config)
     batch, key = job.batch_fn(3), jax.random.key(7)
     out = {{}}
     for n in (1, 8):

@@ -1,0 +1,169 @@
+"""Several devices and several processes: the mesh, start-up, and moving results between hosts.
+
+On a TPU pod there is one JAX process per host, each driving its local chips, and a `jax.Array`
+may span every process's devices. Four rules keep a multi-host program correct, and every binary
+of the library follows them:
+
+1. Every process runs the same jitted calls in the same order: each is a collective, and a
+   process that skips one leaves the others waiting.
+2. Inputs computed identically on every host (the same key, the same prompts) become global arrays
+   with `shard_batch` / `replicate` (each host copies only its own shards to its devices).
+3. Results reach numpy only fully replicated (jit `out_shardings=replicated(mesh)`) or through
+   `to_host`, which gathers whatever is sharded; numpy never sees a partly remote array.
+4. A decision read from data on the host (a detector's verdict, say) is taken once, on process 0,
+   and broadcast with `same_on_all_hosts`, so that control flow cannot diverge across hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ('data', 'model')
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout_s: int = 100) -> None:
+  """`jax.distributed.initialize`: on Cloud TPU (and SLURM, ...) every argument is found in the
+  environment; elsewhere give the coordinator's host:port, the process count and this process's
+  index. A process that dies is noticed by the others within `heartbeat_timeout_s`, which then
+  exit with an error instead of waiting forever in a collective."""
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  logging.info('jax.distributed: process %d of %d, %d local of %d devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def is_main() -> bool:
+  """Process 0: the one that writes outputs."""
+  return jax.process_index() == 0
+
+
+# -- the mesh ----------------------------------------------------------------------------------
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (`data`, `model`) mesh over `devices` (default: every process's devices). `data=-1` takes
+  what `model` leaves. Devices are laid out by `mesh_utils.create_device_mesh`, which follows the
+  TPU's physical topology (neighbouring chips on the `model` axis); other platforms keep their
+  order, which groups each process's devices together on the `data` axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f'model={model} must be >= 1 and divide the number of devices ({n})')
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f'data * model = {data} * {model} must equal the number of devices ({n})')
+  if devices[0].platform == 'tpu':
+    grid = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices, dtype=object).reshape(data, model)
+  return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `data`, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_size(mesh: Mesh) -> int:
+  return int(mesh.shape['data'])
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def pad_rows(x, multiple: int):
+  """`x` with copies of its last row appended up to a multiple of `multiple` rows."""
+  pad = -x.shape[0] % multiple
+  if not pad:
+    return x
+  xp = jnp if isinstance(x, jax.Array) else np
+  return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)])
+
+
+def shard_batch(mesh: Mesh, tree: Any) -> Any:
+  """Arrays (B, ...) computed identically on every host -> global arrays split over `data`, each
+  padded with copies of its last row to a multiple of the `data` axis (drop the padding from the
+  results). None leaves stay None."""
+  n = data_size(mesh)
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda a: jax.device_put(pad_rows(a, n), sharding), tree)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """A copy on every device (a no-op for arrays already replicated over `mesh`)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def process_rows(global_rows: int) -> slice:
+  """This process's rows of a global batch of `global_rows` (the processes split it in order)."""
+  n, i = jax.process_count(), jax.process_index()
+  if global_rows % n:
+    raise ValueError(f'a global batch of {global_rows} rows does not split over {n} processes')
+  rows = global_rows // n
+  return slice(i * rows, (i + 1) * rows)
+
+
+def data_parallel(fn, mesh: Mesh | None = None, num_batched: int = 1):
+  """`fn(*batched, *shared)`, jit-compiled, with its first `num_batched` arguments (arrays or
+  pytrees whose leaves share a leading batch axis B) split over the `data` axis of `mesh` (default
+  `make_mesh()`) and the other arguments replicated. Every output leaf must have B leading: the
+  call returns numpy arrays of the global result on every process, padding rows dropped.
+
+  For work over many independent samples (bases of several trajectories, images to score):
+  each device, on every host, computes its slice, and every process gets the whole answer.
+  Call it on every process with the same arguments (rule 1)."""
+  mesh = make_mesh() if mesh is None else mesh
+  jitted = jax.jit(fn, out_shardings=replicated(mesh))
+
+  def call(*args):
+    if len(args) < num_batched:
+      raise ValueError(f'expected at least {num_batched} batched arguments, got {len(args)}')
+    batched, shared = args[:num_batched], args[num_batched:]
+    sizes = {int(x.shape[0]) for x in jax.tree.leaves(batched)}
+    if len(sizes) != 1:
+      raise ValueError(f'the batched arguments must share one leading size, got {sorted(sizes)}')
+    n = sizes.pop()
+    out = jitted(*shard_batch(mesh, batched), *replicate(mesh, shared))
+    return jax.tree.map(lambda x: x[:n], to_host(out))
+
+  return call
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+def to_host(tree: Any) -> Any:
+  """Every leaf as a numpy array holding its global value, on every process. Leaves that are
+  sharded over other processes' devices are all-gathered: call this on every process."""
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+def same_on_all_hosts(tree: Any) -> Any:
+  """Process 0's value of `tree` (numpy arrays or scalars) on every process: for decisions read
+  from data on the host, so that every process takes the same branch."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (e.g. before reading what process 0 wrote)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
