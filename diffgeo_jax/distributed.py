@@ -35,6 +35,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   environment; elsewhere give the coordinator's host:port, the process count and this process's
   index. A process that dies is noticed by the others within `heartbeat_timeout_s`, which then
   exit with an error instead of waiting forever in a collective."""
+  # CPU processes (tests, clusters without accelerators) need a cross-process collectives
+  # library; gloo is jax's default from 0.5 on and this setting only concerns the CPU backend.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
@@ -100,12 +103,21 @@ def shard_batch(mesh: Mesh, tree: Any) -> Any:
   results). None leaves stay None."""
   n = data_size(mesh)
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda a: jax.device_put(pad_rows(a, n), sharding), tree)
+  return jax.tree.map(lambda a: _put(pad_rows(a, n), sharding), tree)
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """A copy on every device (a no-op for arrays already replicated over `mesh`)."""
-  return jax.device_put(tree, replicated(mesh))
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda a: _put(a, sharding), tree)
+
+
+def _put(x, sharding: NamedSharding):
+  """`jax.device_put`, also for a jax.Array on this process's devices (a key, parameters, the
+  same on every host) going to devices of other processes too, which device_put refuses."""
+  if jax.process_count() == 1 or not isinstance(x, jax.Array) or not x.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
 
 def process_rows(global_rows: int) -> slice:
@@ -161,6 +173,16 @@ def same_on_all_hosts(tree: Any) -> Any:
   if jax.process_count() == 1:
     return tree
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def exists_on_every_host(path) -> bool:
+  """Whether every process sees the file `path` (an epath): a cache in the workdir is reused only
+  when all of them can read it (a gs:// workdir; a local one on a single machine), so that all
+  take the same branch, and a local workdir on separate hosts recomputes instead of failing."""
+  here = np.int32(path.exists())
+  if jax.process_count() == 1:
+    return bool(here)
+  return bool(np.all(multihost_utils.process_allgather(here)))
 
 
 def barrier(name: str) -> None:

@@ -24,9 +24,9 @@ def grid(images: np.ndarray, rows: int, cols: int, scale: int = 1) -> Image.Imag
   return Image.fromarray(tiled[..., 0] if c == 1 else tiled, mode='L' if c == 1 else 'RGB')
 
 
-def labelled_rows(path: str, rows: list[tuple[str, np.ndarray]], title: str = '') -> None:
-  """A PNG at `path` with one labelled row of images (N, H, W, C) in [0, 1] per (label, images)
-  pair; rows may differ in N."""
+def labelled_rows(rows: list[tuple[str, np.ndarray]], title: str = ''):
+  """A matplotlib figure with one labelled row of images (N, H, W, C) in [0, 1] per (label,
+  images) pair; rows may differ in N. Save it with `run.save_figure(name, fig, dpi=120)`."""
   import matplotlib  # noqa: PLC0415 (only the binaries that write figures need it)
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -41,5 +41,4 @@ def labelled_rows(path: str, rows: list[tuple[str, np.ndarray]], title: str = ''
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig

@@ -18,29 +18,30 @@ composition on the digits model measured against the chromatogram's prediction.
    where it crosses 1/2 gives the attribute's effective resolution (the m whose S_m crosses 1/2
    at the same t).
 
-Writes to --workdir: `config.json`, `results.json`, `chromatogram.png` (and
-`chromatogram_sd.png`), `switch.png` (measured curves and S_m(t_s)), `switch_<experiment>.png`
-(rows: switch times from early to late; columns: samples), `samples.npz`.
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`, `results.json`,
+`chromatogram.png` (and `chromatogram_sd.png`), `switch.png` (measured curves and S_m(t_s)),
+`switch_<experiment>.png` (rows: switch times from early to late; columns: samples),
+`samples.npz`. Multi-host (--jax_distributed): every process samples the same batches, each
+sharded over every device (`pipeline.text_to_image`), and scores the gathered images; process 0
+writes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import chromatography, pipeline, samplers, schedules
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/chromatography/*.py')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (local or gs://).', required=True)
 
 EXPERIMENTS = ('colour', 'digit')
 
@@ -92,7 +93,8 @@ def effective_factor(s, t_cross: float | None) -> float | None:
   return float(math.exp(-0.5 * float(s.log_snr_at(t_cross))))
 
 
-def plot_switch(s, measured: dict, factors, path: str) -> None:
+def plot_switch(s, measured: dict, factors):
+  """The measured switch curves against S_m(t_s) (a matplotlib Figure)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(7, 4))
@@ -111,36 +113,36 @@ def plot_switch(s, measured: dict, factors, path: str) -> None:
   ax.legend(fontsize=7, loc='center left')
   ax.set_title('prompt switching vs the chromatogram')
   fig.tight_layout()
-  fig.savefig(path)
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value)
   for e in config.experiments:
     if e not in EXPERIMENTS:
       raise ValueError(f'unknown experiment {e!r} in config.experiments; supported: {EXPERIMENTS}')
   if not config.switch_times:
     raise ValueError('config.switch_times must be non-empty')
-  pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+  with run.timed('load'):
+    pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+    scorer = metrics.Scorer.load(paths.local_folder(
+        config.classifier_dir or digits.classifier_dir(), 'config.classifier_dir'))
   s = schedules.from_diffusers_config(pipe.scheduler_config)
   factors = [int(m) for m in config.factors]
   results = {'schedule': schedule_summary(s, factors),
              'grid_timesteps': [int(t) for t in samplers.timesteps(config.sampler, s,
                                                                      config.num_steps)]}
-  chromatography.plot_chromatogram(s, factors, os.path.join(workdir, 'chromatogram.png'),
-                                   title='digits model schedule (DDPM linear)')
+  run.save_figure('chromatogram.png', chromatography.plot_chromatogram(
+      s, factors, title='digits model schedule (DDPM linear)'))
   if config.plot_sd_schedule:
     sd = schedules.scaled_linear()
     results['sd_schedule'] = schedule_summary(sd, factors)
-    chromatography.plot_chromatogram(sd, factors, os.path.join(workdir, 'chromatogram_sd.png'),
-                                     title='SD scaled-linear schedule')
+    run.save_figure('chromatogram_sd.png', chromatography.plot_chromatogram(
+        sd, factors, title='SD scaled-linear schedule'))
 
-  scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
   h, w = pipeline.default_image_size(pipe)
   measured, arrays = {}, {}
   for experiment in config.experiments:
@@ -152,10 +154,11 @@ def main(argv):
     keep, show, per_t = [], [], []
     for t_s in config.switch_times:
       # One executable for every t_s: the switch time is a traced argument.
-      images = np.asarray(pipeline.text_to_image(
-          pipe, first, jax.random.key(config.seed), latents=noise, num_steps=config.num_steps,
-          guidance_scale=config.guidance_scale, sampler=config.sampler, switch_prompts=second,
-          switch_timestep=float(t_s)))
+      with run.timed(f'sampling_{experiment}'):
+        images = np.asarray(pipeline.text_to_image(
+            pipe, first, jax.random.key(config.seed), latents=noise, num_steps=config.num_steps,
+            guidance_scale=config.guidance_scale, sampler=config.sampler, switch_prompts=second,
+            switch_timestep=float(t_s)))
       x = images * 2.0 - 1.0
       got = classifier.colour_index(x) if experiment == 'colour' else scorer.predict(x)
       keep.append(float(np.mean(got == a1)))
@@ -173,14 +176,13 @@ def main(argv):
             for m in factors},
     }
     arrays[experiment] = np.stack(per_t)
-    grid(arrays[experiment].reshape(-1, *arrays[experiment].shape[2:]), len(config.switch_times),
-         arrays[experiment].shape[1], 2).save(os.path.join(workdir, f'switch_{experiment}.png'))
+    run.save_image(f'switch_{experiment}.png', grid(
+        arrays[experiment].reshape(-1, *arrays[experiment].shape[2:]), len(config.switch_times),
+        arrays[experiment].shape[1], 2))
   results['switch'] = measured
-  plot_switch(s, measured, factors, os.path.join(workdir, 'switch.png'))
-  np.savez(os.path.join(workdir, 'samples.npz'), **arrays)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  logging.info('wrote %s: %s', workdir, json.dumps(measured))
+  run.save_figure('switch.png', plot_switch(s, measured, factors))
+  run.save_npz('samples.npz', **arrays)
+  run.finish(results)
 
 
 if __name__ == '__main__':

@@ -6,17 +6,18 @@ positions, the share the padding rows carry, and images generated from top-k rec
     python launch/decor_components.py --pipeline_dir=/ckpt/sd-v1-5 \
       --prompts='a photo of a cat,a dog in the style of van gogh' --workdir=/tmp/sd_components
 
-Writes to --workdir: `components.json` (per prompt: energy per component, token energy, padding
-share per component, and the padding rows' share of the tokens) and `components.png` (energy
-spectra; the first prompt's component x token map with its padding positions; padding share per
-component against the uniform share). With `--reconstruct_samples` > 0 also `reconstructions.png`:
-samples of the first prompt from its top-k reconstructions (`decor.reconstruct`), one row per k,
-the same noise in every row.
+Writes to --workdir (a local folder or gs://bucket/path): `config.json` (the flags),
+`components.json` (per prompt: energy per component, token energy, padding share per component,
+and the padding rows' share of the tokens), `results.json` (metrics: the means over the prompts)
+and `components.png` (energy spectra; the first prompt's component x token map with its padding
+positions; padding share per component against the uniform share). With `--reconstruct_samples`
+> 0 also `reconstructions.png`: samples of the first prompt from its top-k reconstructions
+(`decor.reconstruct`), one row per k, the same noise in every row. Multi-host: the samples are
+split over every process's devices (`pipeline.text_to_image`); process 0 writes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -27,7 +28,7 @@ from absl import app, flags, logging
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffgeo_jax import digits, images as images_lib, models  # noqa: E402
+from diffgeo_jax import digits, images as images_lib, models, runs  # noqa: E402
 from diffgeo_jax.diffusion import pipeline  # noqa: E402
 from diffgeo_jax.text import decor  # noqa: E402
 
@@ -63,7 +64,7 @@ def analyse(pipe, prompts: list[str]) -> tuple[list[dict], list[list[str]]]:
   return out, tokens
 
 
-def figure(path: str, rows: list[dict], tokens: list[str], top: int, title: str) -> None:
+def figure(rows: list[dict], tokens: list[str], top: int, title: str):
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
   for r in rows:
     k = min(top, len(r['energy']))
@@ -93,8 +94,7 @@ def figure(path: str, rows: list[dict], tokens: list[str], top: int, title: str)
   axes[2].legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
 def reconstructions(pipe, prompt: str, ks: list[int], n: int, num_steps: int,
@@ -120,36 +120,42 @@ def main(argv):
   folder = _PIPELINE.value or digits.pipeline_dir()
   prompts = _PROMPTS.value or (list(DIGITS_PROMPTS) if not _PIPELINE.value else
                                ['a photo of a cat', 'a dog in the style of van gogh'])
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  pipe = models.load_pipeline(folder)
-  rows, tokens = analyse(pipe, prompts)
+  run = runs.start({'pipeline_dir': folder, 'prompts': prompts, 'top': _TOP.value,
+                    'reconstruct_samples': _SAMPLES.value, 'num_steps': _STEPS.value,
+                    'guidance_scale': _GUIDANCE.value}, _WORKDIR.value)
+  with run.timed('load'):
+    pipe = pipeline.replicate(models.load_pipeline(folder))
+  with run.timed('analysis'):
+    rows, tokens = analyse(pipe, prompts)
   name = 'digits model' if not _PIPELINE.value else os.path.basename(os.path.normpath(folder))
-  figure(os.path.join(_WORKDIR.value, 'components.png'), rows, tokens[0], _TOP.value,
-         f'Component analysis of the {name} text encoder outputs '
-         f'({rows[0]["energy"].size} components, width {pipe.text_encoder.config.hidden_size})')
-  summary = {'pipeline_dir': folder, 'prompts': [
-      {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()
-          if k != 'component_token_share'}, 'tokens': t} for r, t in zip(rows, tokens)]}
-  summary['mean_first_component_energy'] = float(np.mean([r['energy'][0] for r in rows]))
-  summary['mean_first_component_padding_share'] = float(np.mean([r['padding_share'][0]
-                                                                  for r in rows]))
-  summary['mean_padding_fraction'] = float(np.mean([r['padding_fraction'] for r in rows]))
+  run.save_figure('components.png', figure(
+      rows, tokens[0], _TOP.value,
+      f'Component analysis of the {name} text encoder outputs '
+      f'({rows[0]["energy"].size} components, width {pipe.text_encoder.config.hidden_size})'),
+      dpi=120)
+  metrics = {
+      'mean_first_component_energy': float(np.mean([r['energy'][0] for r in rows])),
+      'mean_first_component_padding_share': float(np.mean([r['padding_share'][0] for r in rows])),
+      'mean_padding_fraction': float(np.mean([r['padding_fraction'] for r in rows]))}
   if _SAMPLES.value:
     k_max = rows[0]['energy'].size
     ks = sorted({k for k in (1, 2, 3, 4, 8, k_max) if k <= k_max})
-    imgs = reconstructions(pipe, prompts[0], ks, _SAMPLES.value, _STEPS.value, _GUIDANCE.value)
+    with run.timed('sampling'):
+      imgs = reconstructions(pipe, prompts[0], ks, _SAMPLES.value, _STEPS.value, _GUIDANCE.value)
     n = _SAMPLES.value
-    images_lib.labelled_rows(
-        os.path.join(_WORKDIR.value, 'reconstructions.png'),
+    run.save_figure('reconstructions.png', images_lib.labelled_rows(
         [(f'top {k}' if k < ks[-1] else f'all {k}', imgs[i * n:(i + 1) * n])
          for i, k in enumerate(ks)],
-        f'"{prompts[0]}" from its top-k components (same noise per column)')
-    summary['reconstruction_ks'] = ks
-  with open(os.path.join(_WORKDIR.value, 'components.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+        f'"{prompts[0]}" from its top-k components (same noise per column)'), dpi=120)
+    metrics['reconstruction_ks'] = ks
+  run.write_json('components.json', {'pipeline_dir': folder, 'prompts': [
+      {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()
+          if k != 'component_token_share'}, 'tokens': t} for r, t in zip(rows, tokens)],
+      **metrics})
   logging.info('first component: %.3f of the energy, %.3f of it on PAD rows (PAD rows: %.3f)',
-               summary['mean_first_component_energy'],
-               summary['mean_first_component_padding_share'], summary['mean_padding_fraction'])
+               metrics['mean_first_component_energy'],
+               metrics['mean_first_component_padding_share'], metrics['mean_padding_fraction'])
+  run.finish(metrics)
 
 
 if __name__ == '__main__':

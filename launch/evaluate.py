@@ -10,10 +10,12 @@ features to the real test split in every colour. Next to it, the real-vs-real Fr
 as many real train-split images (random digits and colours) as were generated, against the same
 reference, i.e. the distance a perfect generator would score at this sample size.
 
-Writes to --workdir: `config.json`, `results.json` (metrics, per-digit, per-colour and per-prompt
-accuracies, settings, timing), `samples.png` (one row per prompt, one column per sample),
-`samples.npz` (images in [0, 1], their prompts, digits, colours and what the classifier read) and
-`tensorboard/` (the metrics as scalars).
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`, `results.json` (metrics:
+the scores, per-digit, per-colour and per-prompt accuracies, sampling times), `samples.png` (one
+row per prompt, one column per sample), `samples.npz` (images in [0, 1], their prompts, digits,
+colours and what the classifier read) and `tensorboard/` (the metrics as scalars). Multi-host
+(--jax_distributed): every process samples the same batches, each sharded over every device
+(`pipeline.generate`), and scores the gathered images; process 0 writes.
 
 Image i's initial noise comes from `fold_in(split(key(seed))[0], i)` alone, so it does not depend
 on the batching; deterministic samplers then give each image independently of its batch.
@@ -21,11 +23,8 @@ on the batching; deterministic samplers then give each image independently of it
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
@@ -41,7 +40,7 @@ from diffgeo_jax.training import summary
 
 _CONFIG = config_flags.DEFINE_config_file('config', None,
                                           'Evaluation config (configs/digits/evaluate.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (local or gs://).', required=True)
 
 
 def prompts_of(config) -> list[tuple[str, int, int]]:
@@ -93,11 +92,8 @@ def breakdown(digit_ok, colour_ok, groups, names) -> dict[str, dict[str, float |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
-  t_start = time.perf_counter()
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value)
   jobs = prompts_of(config)
   per_prompt = int(config.samples_per_prompt)
   if per_prompt < 1:
@@ -109,72 +105,65 @@ def main(argv):
   pipeline_dir = config.pipeline_dir or digits.pipeline_dir()
   classifier_dir = config.classifier_dir or digits.classifier_dir()
   logging.info('pipeline %s, classifier %s', pipeline_dir, classifier_dir)
-  pipe = pipeline.replicate(models.load_pipeline(pipeline_dir))
-  scorer = metrics.Scorer.load(classifier_dir, config.classifier_batch_size)
+  with run.timed('load'):
+    pipe = pipeline.replicate(models.load_pipeline(pipeline_dir))
+    local_classifier = paths.local_folder(classifier_dir, 'config.classifier_dir')
+    scorer = metrics.Scorer.load(local_classifier, config.classifier_batch_size)
 
-  images, timing = generate(pipe, config, texts)
+  with run.timed('sampling'):
+    images, timing = generate(pipe, config, texts)  # numpy, the same on every process
 
-  t0 = time.perf_counter()
-  x = images * 2.0 - 1.0  # the classifier reads [-1, 1]
-  feats, logits = scorer.features_and_logits(x)
-  pred_digits = logits.argmax(-1).astype(np.int32)
-  pred_colours = classifier.colour_index(x)
-  test = dataset.load('test', seed=config.split_seed)
-  ref_images, _, _ = test.all_colours()
-  ref_feats = scorer.features(ref_images)
-  train_images, _, _ = dataset.load('train', seed=config.split_seed).all_colours()
-  rng = np.random.default_rng(config.seed)
-  baseline_idx = np.sort(rng.choice(len(train_images), min(len(x), len(train_images)),
-                                    replace=False))
-  baseline_feats = scorer.features(train_images[baseline_idx])
-  digit_ok, colour_ok = pred_digits == want_digits, pred_colours == want_colours
-  scores = {
-      'digit_accuracy': metrics.digit_accuracy(pred_digits, want_digits),
-      'colour_accuracy': metrics.colour_accuracy(x, want_colours),
-      'joint_accuracy': float(np.mean(digit_ok & colour_ok)),
-      'frechet_distance': metrics.frechet_distance(feats, ref_feats),
-      'frechet_distance_real': metrics.frechet_distance(baseline_feats, ref_feats),
-  }
-  scoring_s = time.perf_counter() - t0
+  with run.timed('scoring'):
+    x = images * 2.0 - 1.0  # the classifier reads [-1, 1]
+    feats, logits = scorer.features_and_logits(x)
+    pred_digits = logits.argmax(-1).astype(np.int32)
+    pred_colours = classifier.colour_index(x)
+    test = dataset.load('test', seed=config.split_seed)
+    ref_images, _, _ = test.all_colours()
+    ref_feats = scorer.features(ref_images)
+    train_images, _, _ = dataset.load('train', seed=config.split_seed).all_colours()
+    rng = np.random.default_rng(config.seed)
+    baseline_idx = np.sort(rng.choice(len(train_images), min(len(x), len(train_images)),
+                                      replace=False))
+    baseline_feats = scorer.features(train_images[baseline_idx])
+    digit_ok, colour_ok = pred_digits == want_digits, pred_colours == want_colours
+    scores = {
+        'digit_accuracy': metrics.digit_accuracy(pred_digits, want_digits),
+        'colour_accuracy': metrics.colour_accuracy(x, want_colours),
+        'joint_accuracy': float(np.mean(digit_ok & colour_ok)),
+        'frechet_distance': metrics.frechet_distance(feats, ref_feats),
+        'frechet_distance_real': metrics.frechet_distance(baseline_feats, ref_feats),
+    }
 
   rows = np.repeat(np.arange(len(jobs)), per_prompt)
-  prompt_acc = breakdown(digit_ok, colour_ok, rows, [p for p, _, _ in jobs])
-  results = {
-      'metrics': scores,
+  run.save_image('samples.png', grid(images, len(jobs), per_prompt))
+  run.save_npz('samples.npz', images=images, prompts=np.array(texts), digits=want_digits,
+               colours=want_colours, predicted_digits=pred_digits,
+               predicted_colours=pred_colours, real_baseline_indices=baseline_idx)
+  with summary.SummaryWriter(run.path('tensorboard'), enabled=run.is_main) as writer:
+    writer.scalars({f'eval/{k}': v for k, v in scores.items()}, config.num_steps)
+  results = run.finish({
+      **scores,
       'per_digit': breakdown(digit_ok, colour_ok, want_digits, dataset.DIGIT_WORDS),
       'per_colour': breakdown(digit_ok, colour_ok, want_colours, dataset.COLOURS),
-      'per_prompt': prompt_acc,
+      'per_prompt': breakdown(digit_ok, colour_ok, rows, [p for p, _, _ in jobs]),
       'num_images': len(texts), 'num_prompts': len(jobs), 'image_shape': list(images.shape[1:]),
       'reference': {'split': 'test', 'images': len(ref_feats), 'colours': list(dataset.COLOURS),
                     'real_baseline_split': 'train', 'real_baseline_images': len(baseline_idx)},
-      'classifier': {'dir': classifier_dir, 'feature_dim': int(feats.shape[1]),
-                     'test_accuracy': classifier.read_results(classifier_dir).get('test_accuracy')},
-      'settings': {k: config[k] for k in (
-          'sampler', 'num_steps', 'guidance_scale', 'eta', 'seed', 'samples_per_prompt',
-          'batch_size', 'split_seed')} | {'pipeline_dir': pipeline_dir},
-      'timing': {**timing, 'scoring_s': scoring_s, 'total_s': time.perf_counter() - t_start},
-      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
-  }
-
-  grid(images, len(jobs), per_prompt).save(os.path.join(workdir, 'samples.png'))
-  np.savez(os.path.join(workdir, 'samples.npz'), images=images, prompts=np.array(texts),
-           digits=want_digits, colours=want_colours, predicted_digits=pred_digits,
-           predicted_colours=pred_colours, real_baseline_indices=baseline_idx)
-  with summary.SummaryWriter(os.path.join(workdir, 'tensorboard')) as writer:
-    writer.scalars({f'eval/{k}': v for k, v in scores.items()}, config.num_steps)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  if config.record_in_pipeline:
+      'pipeline_dir': str(pipeline_dir),
+      'classifier': {'dir': str(classifier_dir), 'feature_dim': int(feats.shape[1]),
+                     'test_accuracy': classifier.read_results(local_classifier).get(
+                         'test_accuracy')},
+      **timing,
+  })
+  if config.record_in_pipeline and run.is_main:
     # The shipped model's results.json: its training run (training.json, written by
     # train_t2i.py) next to this evaluation.
+    folder = paths.resolve(pipeline_dir, 'config.pipeline_dir')
     record = {'evaluation': results, 'evaluate_command': shlex.join(['python', *sys.argv])}
-    training = os.path.join(pipeline_dir, 'training.json')
-    if os.path.exists(training):
-      with open(training) as f:
-        record['training'] = json.load(f)
-    with open(os.path.join(pipeline_dir, 'results.json'), 'w') as f:
-      json.dump(record, f, indent=2)
-  logging.info('wrote %s: %s', workdir, json.dumps(scores))
+    if (folder / 'training.json').exists():
+      record['training'] = paths.read_json(folder / 'training.json')
+    paths.write_json(folder / 'results.json', record)
 
 
 if __name__ == '__main__':

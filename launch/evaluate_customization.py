@@ -22,15 +22,17 @@ Metrics, per variant (the digits classifier reads the digit; colour from the pix
 `eval.colour_match_tolerance` of plain LoRA's ("equal colour fidelity"), its leakage relative to
 plain LoRA's; and the reduced-scale LoRA's leakage at the same colour distance (interpolated).
 
-Writes to --workdir/evaluation: `results.json`, `table.md`, `pareto.png` (leakage and text
-alignment against colour distance) and `samples.png` (a row per variant, a column per digit).
+Reads the LoRA from --workdir/lora (--workdir local or gs://) and writes to --workdir/evaluation:
+`config.json` (this evaluation's config), `results.json` (metrics: `variants`, `comparison`,
+`samples`), `table.md`, `pareto.png` (leakage and text alignment against colour distance) and
+`samples.png` (a row per variant, a column per digit). Multi-host (--jax_distributed): every
+variant's samples are split over every process's devices (`pipeline.text_to_image`); process 0
+writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import matplotlib
@@ -41,7 +43,7 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffgeo_jax import digits, images as images_lib, models  # noqa: E402
+from diffgeo_jax import digits, images as images_lib, models, paths, runs  # noqa: E402
 from diffgeo_jax.diffusion import pipeline  # noqa: E402
 from diffgeo_jax.digits import dataset, metrics  # noqa: E402
 from diffgeo_jax.text import decor  # noqa: E402
@@ -111,7 +113,7 @@ def table(rows: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def pareto_figure(path: str, rows: dict, reference_word: str) -> None:
+def pareto_figure(rows: dict, reference_word: str):
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   styles = {'lora_scale': ('LoRA at reduced scale', 'tab:blue', 'o-'),
             'decor': ('DECOR (strength)', 'tab:red', 's-'),
@@ -137,16 +139,15 @@ def pareto_figure(path: str, rows: dict, reference_word: str) -> None:
   axes[0].legend(fontsize=8)
   fig.suptitle('DECOR vs LoRA scale on the digits: leakage and text alignment against colour')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  lora_dir = os.path.join(workdir, 'lora')
-  if not os.path.exists(lora_dir):
+  config = _CONFIG.value
+  workdir = paths.resolve(_WORKDIR.value, '--workdir')
+  if not (workdir / 'lora').exists():
     raise FileNotFoundError(f'{workdir} is not a finished launch/train_lora.py workdir: lora/ '
                             'is missing')
   e, d = config.eval, config.data
@@ -156,11 +157,11 @@ def main(argv):
     raise ValueError(f'data.reference_digit must be a digit word, got {d.reference_digit!r}')
   if '{digit}' not in e.prompt_template:
     raise ValueError(f'eval.prompt_template must contain {{digit}}, got {e.prompt_template!r}')
-  out_dir = os.path.join(workdir, 'evaluation')
-  os.makedirs(out_dir, exist_ok=True)
-  pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
-  scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
-  lp = lora.load(lora_dir, pipe.unet_params)
+  run = runs.start(config, workdir / 'evaluation')  # train_lora's own files stay as they are
+  with run.timed('load'):
+    pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+    scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+    lp = lora.load(paths.local_folder(workdir / 'lora', 'the LoRA folder'), pipe.unet_params)
   reference = dataset.DIGIT_WORDS.index(d.reference_digit)
   others = [k for k in range(10) if k != reference]
   n = e.samples_per_digit
@@ -171,28 +172,23 @@ def main(argv):
   rows, firsts = {}, []
   for v in variants(config):
     unet = pipe.unet_params if v.scale == 0 else lora.merge(pipe.unet_params, lp, v.scale)
-    imgs = np.asarray(pipeline.text_to_image(
-        dataclasses.replace(pipe, unet_params=unet), prompts, key, num_steps=e.num_steps,
-        guidance_scale=e.guidance_scale, decor=v.decor))
+    with run.timed('sampling'):
+      imgs = np.asarray(pipeline.text_to_image(
+          dataclasses.replace(pipe, unet_params=unet), prompts, key, num_steps=e.num_steps,
+          guidance_scale=e.guidance_scale, decor=v.decor))
     rows[v.name] = {'family': v.family, 'value': v.value, 'lora_scale': v.scale,
                     **scores(scorer, imgs, requested, reference, d.colour_rgb)}
     logging.info('%s: %s', v.name, rows[v.name])
     firsts.append((v.name, imgs[::n]))  # one sample of every requested digit
-  results = {'variants': rows, 'comparison': comparison(rows, e.colour_match_tolerance),
-             'reference_digit': d.reference_digit, 'colour': d.colour_name,
-             'colour_rgb': list(d.colour_rgb), 'undesired': config.decor.undesired,
-             'decor_rank': config.decor.rank, 'samples': len(prompts),
-             'prompt_template': e.prompt_template}
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, 'table.md'), 'w') as f:
-    f.write(table(rows))
-  pareto_figure(os.path.join(out_dir, 'pareto.png'), rows, d.reference_digit)
-  images_lib.labelled_rows(
-      os.path.join(out_dir, 'samples.png'), firsts,
-      'prompts "' + e.prompt_template.format(digit='<d>') + '", d = ' +
-      ', '.join(dataset.DIGIT_WORDS[k] for k in others) + ' (first sample of each, same noise)')
-  logging.info('wrote %s:\n%s', out_dir, table(rows))
+  run.write_text('table.md', table(rows))
+  run.save_figure('pareto.png', pareto_figure(rows, d.reference_digit), dpi=120)
+  run.save_figure('samples.png', images_lib.labelled_rows(
+      firsts, 'prompts "' + e.prompt_template.format(digit='<d>') + '", d = ' +
+      ', '.join(dataset.DIGIT_WORDS[k] for k in others) + ' (first sample of each, same noise)'),
+      dpi=120)
+  logging.info('wrote %s:\n%s', run.workdir, table(rows))
+  run.finish({'variants': rows, 'comparison': comparison(rows, e.colour_match_tolerance),
+              'samples': len(prompts)})
 
 
 if __name__ == '__main__':

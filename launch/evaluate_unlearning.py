@@ -5,8 +5,9 @@ trade-off plot.
     python launch/evaluate_unlearning.py --config=configs/duo/evaluate.py \
       --config.runs=/tmp/duo_b100,/tmp/duo_b250,/tmp/duo_b500 --workdir=/tmp/duo_eval
 
-For the base model and every run (a `launch/train_duo.py` workdir: its `lora/` and `pairs.npz`),
-from the same noise:
+For the base model and every run (a `launch/train_duo.py` workdir, local or gs://: its `lora/`,
+`pairs.npz` and `config.json`, and `results.json` as the sign that it finished), from the same
+noise:
 * defence success rate (DSR): the fraction of "a <colour> digit <concept>" samples the detector
   (the digits classifier) does not read as the concept;
 * DSR under attack: Concept-Inversion-style, a learned token embedding. The concept word's row of
@@ -17,22 +18,23 @@ from the same noise:
   digits (classifier features), and the mean absolute pixel difference to the base model's samples
   for the same prompts and noise.
 
-Writes to --workdir: `config.json`, `results.json`, `table.md`, `tradeoff.png` and
-`samples_<run>.png` (base, unlearned and attacked samples from the same noise).
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`, `results.json` (metrics:
+`base`, and `runs` keyed by run workdir), `table.md`, `tradeoff.png` and `samples_<run>.png`
+(base, unlearned and attacked samples from the same noise). Multi-host (--jax_distributed): the
+samples are split over every process's devices (`pipeline.text_to_image`), every process runs the
+attack alike; process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.digits import dataset, metrics
 from diffgeo_jax.training import embedding_attack, lora
@@ -63,23 +65,31 @@ def score(pipe, scorer, config, concept: int, reference_feats, base_other=None) 
   return out, (concept_imgs, other_imgs)
 
 
+def duo_settings(run_dir) -> dict:
+  """beta and the variant of a train_duo run, from the config.json it wrote."""
+  duo = paths.read_json(run_dir / 'config.json').get('duo', {})
+  return {'beta': duo['beta'], 'condition': duo.get('condition', 'empty'),
+          'retain_weight': duo.get('retain_weight', 0.0),
+          'adversarial_every': duo.get('adversarial', {}).get('every', 0)}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  runs = [r for r in config.runs.split(',') if r] if isinstance(config.runs, str) else \
+  config = _CONFIG.value
+  run_names = [r for r in config.runs.split(',') if r] if isinstance(config.runs, str) else \
       list(config.runs)
-  if not runs:
+  if not run_names:
     raise ValueError('config.runs must name at least one launch/train_duo.py workdir')
-  for r in runs:
-    for name in ('lora', 'pairs.npz', 'results.json'):
-      if not os.path.exists(os.path.join(r, name)):
+  run_dirs = {r: paths.resolve(r, 'config.runs') for r in run_names}
+  for r, path in run_dirs.items():
+    for name in ('lora', 'pairs.npz', 'config.json', 'results.json'):
+      if not (path / name).exists():
         raise FileNotFoundError(f'{r} is not a finished train_duo workdir: {name} is missing')
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
-  scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+  run = runs.start(config, _WORKDIR.value)
+  with run.timed('load'):
+    pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+    scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
   concept = dataset.DIGIT_WORDS.index(config.concept)
   token_id = embedding_attack.concept_token(pipe, config.concept)
   test = dataset.load('test')
@@ -88,43 +98,39 @@ def main(argv):
   real = dataset.render(test.strokes[keep], rng.integers(0, len(dataset.COLOURS), keep.sum()))
   reference = scorer.features(real)
 
-  base, (base_concept, base_other) = score(pipe, scorer, config, concept, reference)
+  with run.timed('sampling'):
+    base, (base_concept, base_other) = score(pipe, scorer, config, concept, reference)
   results = {'base': base, 'runs': {}}
   logging.info('base: %s', base)
-  for r in runs:
-    with open(os.path.join(r, 'results.json')) as f:
-      beta = json.load(f)['beta']
-    with open(os.path.join(r, 'config.json')) as f:
-      duo = json.load(f).get('duo', {})
-    variant = {'condition': duo.get('condition', 'empty'),
-               'retain_weight': duo.get('retain_weight', 0.0),
-               'adversarial_every': duo.get('adversarial', {}).get('every', 0)}
-    unet = lora.merge(pipe.unet_params, lora.load(os.path.join(r, 'lora'), pipe.unet_params))
+  for r, path in run_dirs.items():
+    settings = duo_settings(path)
+    lora_dir = paths.local_folder(path / 'lora', f'{r}/lora')  # staged once per host if gs://
+    unet = lora.merge(pipe.unet_params, lora.load(lora_dir, pipe.unet_params))
     unlearned = dataclasses.replace(pipe, unet_params=unet)
-    plain, (plain_concept, plain_other) = score(unlearned, scorer, config, concept, reference,
-                                                base_other)
-    pairs = np.load(os.path.join(r, 'pairs.npz'))
+    with run.timed('sampling'):
+      plain, (plain_concept, plain_other) = score(unlearned, scorer, config, concept, reference,
+                                                  base_other)
+    pairs = paths.load_npz(path / 'pairs.npz')
     a = config.attack
-    row, attack_log = embedding_attack.learn_embedding(
-        pipe, unet, pairs['unsafe'], pairs['prompts'], token_id, jax.random.key(a.seed),
-        steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size)
+    with run.timed('attack'):
+      row, attack_log = embedding_attack.learn_embedding(
+          pipe, unet, pairs['unsafe'], pairs['prompts'], token_id, jax.random.key(a.seed),
+          steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size)
     attacked = dataclasses.replace(
         unlearned, text_encoder_params=embedding_attack.with_row(pipe.text_encoder_params,
                                                                 token_id, row))
-    under_attack, (attacked_concept, _) = score(attacked, scorer, config, concept, reference)
-    label = os.path.basename(os.path.normpath(r))
+    with run.timed('sampling'):
+      under_attack, (attacked_concept, _) = score(attacked, scorer, config, concept, reference)
+    label = path.name
     per = config.eval.samples_per_digit  # one sample of every other digit
-    _samples_figure(os.path.join(workdir, f'samples_{label}.png'), [
+    run.save_figure(f'samples_{label}.png', _samples_figure([
         ('base', base_concept, base_other[::per]),
         ('unlearned', plain_concept, plain_other[::per]),
-        ('unlearned + attack', attacked_concept, None)])
-    results['runs'][r] = {'label': label, 'beta': beta,
-                          **variant, **plain,
+        ('unlearned + attack', attacked_concept, None)]))
+    results['runs'][r] = {'label': label, **settings, **plain,
                           'defence_success_rate_attack': under_attack['defence_success_rate'],
                           'attack': attack_log}
-    logging.info('%s (beta %s): %s', r, beta, results['runs'][r])
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+    logging.info('%s (beta %s): %s', r, settings['beta'], results['runs'][r])
   lines = ['| run | beta | condition | retain weight | adversarial every | DSR plain | DSR attack '
            '| other digits accuracy | Frechet (other digits) | mean abs diff to base |',
            '|---|---|---|---|---|---|---|---|---|---|',
@@ -135,13 +141,13 @@ def main(argv):
                  f'{v["adversarial_every"]} | {v["defence_success_rate"]:.2f} | '
                  f'{v["defence_success_rate_attack"]:.2f} | {v["other_digits_accuracy"]:.3f} | '
                  f'{v["frechet_distance_other_digits"]:.1f} | {v["mean_abs_diff_to_base"]:.4f} |')
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  _plot(results, os.path.join(workdir, 'tradeoff.png'))
+  run.write_text('table.md', '\n'.join(lines) + '\n')
+  run.save_figure('tradeoff.png', _plot(results))
   logging.info('done:\n%s', '\n'.join(lines))
+  run.finish(results)
 
 
-def _samples_figure(path, rows, n: int = 10):
+def _samples_figure(rows, n: int = 10):
   """One row per model: its first n concept samples, then its first n other-digit samples (the
   same noise in every row)."""
   import matplotlib  # noqa: PLC0415
@@ -165,11 +171,10 @@ def _samples_figure(path, rows, n: int = 10):
         ax.imshow(np.clip(strip(imgs), 0, 1))
         ax.set_title(f'{name}: {what}', fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
-def _plot(results, path):
+def _plot(results):
   """Every run as two points (plain prompts, under the attack) joined by a line, labelled."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
@@ -192,8 +197,7 @@ def _plot(results, path):
   ax.set_ylim(-0.02, 1.05)
   ax.legend(fontsize=7, loc='lower left')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == '__main__':

@@ -18,15 +18,18 @@ J = dh/dx_t under the sample's own prompt, `geometry.pullback.local_basis`). The
 Writes to --workdir: `config.json`, `results.json`, `edits.png` (one row per sample: gammas left to
 right), `directions.png` (top latent directions, one row per time), `spectra.png` (singular
 values), `frequency.png` (low-frequency fraction and radial PSD vs t), `geodesic.png`
-(tangent-space distances vs t) and `bases.npz` (singular values, bases, trajectories).
+(tangent-space distances vs t) and `bases.npz` (singular values, bases, trajectories); a local
+folder or gs://bucket/path.
+
+Multi-host (--jax_distributed): every process runs the whole binary; the per-sample work (the
+trajectories, the bases, the edits) is split over every process's devices
+(`distributed.data_parallel`), each process gets the whole result, and process 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +41,14 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
 
-from diffgeo_jax import digits, models  # noqa: E402
+from diffgeo_jax import digits, distributed, models, paths, runs  # noqa: E402
 from diffgeo_jax.diffusion import guidance, pipeline, samplers, schedules  # noqa: E402
 from diffgeo_jax.digits import dataset, metrics  # noqa: E402
 from diffgeo_jax.geometry import editing, grassmann, pullback, spectra  # noqa: E402
 from diffgeo_jax.images import grid  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Explore config (configs/explore/*.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (local or gs://).', required=True)
 
 
 def _unit_rows(v: np.ndarray) -> np.ndarray:
@@ -54,22 +57,54 @@ def _unit_rows(v: np.ndarray) -> np.ndarray:
   return 0.5 + 0.5 * v / scale
 
 
-def trajectories(pipe, s, cond, uncond, noise, config):
-  """DDIM (with CFG) from x_T = noise: the trajectory's x_t at every grid step, and x_0."""
+# The per-sample computations below take the pipeline's parameters as arguments (replicated by
+# `data_parallel`) rather than closing over them, and their batched inputs as numpy arrays, the
+# same on every host: `data_parallel` then gives each device its slice of the samples.
+
+def _with_params(pipe, params):
+  return dataclasses.replace(pipe, unet_params=params['unet'], vae_params=params['vae'])
+
+
+def _eps_fn(pipe, cond, uncond, scale):
   model_fn = lambda x, t, ctx: pipe.unet.apply({'params': pipe.unet_params}, x, t, ctx)
-  eps_fn = guidance.cfg_eps_fn(model_fn, cond, uncond, config.guidance_scale)
-  run = jax.jit(lambda x: samplers.ddim(eps_fn, x, s, config.num_steps, return_trajectory=True))
-  x0, traj = run(noise)
-  return eps_fn, x0, traj
+  return guidance.cfg_eps_fn(model_fn, cond, uncond, scale)
 
 
-def bases_at(pipe, config):
-  """vmapped, jitted local_basis over samples at one (traced) timestep."""
-  def one(x, t, ctx, key):
-    h_fn = pullback.unet_h_fn(pipe.unet, pipe.unet_params, t, ctx)
-    return pullback.local_basis(h_fn, x, config.num_vectors, config.num_iters, key,
+def trajectories_fn(pipe, s, config, mesh):
+  """(noise, cond, uncond, params) -> DDIM (with CFG) from x_T = noise: x_0 (B, ...) and the
+  trajectory's x_t at every grid step (B, steps + 1, ...)."""
+  def run(noise, cond, uncond, params):
+    eps_fn = _eps_fn(_with_params(pipe, params), cond, uncond, config.guidance_scale)
+    x0, traj = samplers.ddim(eps_fn, noise, s, config.num_steps, return_trajectory=True)
+    return x0, jnp.swapaxes(traj.x_t, 0, 1)  # every output batch-first for data_parallel
+  return distributed.data_parallel(run, mesh, num_batched=3)
+
+
+def bases_fn(pipe, config, mesh):
+  """(x_t, cond, key data, t, params) -> the `LocalBasis` of each sample at timestep t (traced:
+  one executable for every t)."""
+  def one(x, ctx, key, t, params):
+    h_fn = pullback.unet_h_fn(pipe.unet, params['unet'], t, ctx)
+    return pullback.local_basis(h_fn, x, config.num_vectors, config.num_iters,
+                                jax.random.wrap_key_data(key),
                                 chunk_size=config.chunk_size or None, tol=config.tol)
-  return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)))
+  return distributed.data_parallel(jax.vmap(one, in_axes=(0, 0, 0, None, None)), mesh,
+                                   num_batched=3)
+
+
+def edit_fn(pipe, s, config, k_edit, mesh):
+  """(x_t, direction, cond, uncond, params) -> images (B, G, H, W, C) of x-space guidance along
+  each sample's direction at grid step k_edit for every gamma, and the unedited images (B, ...)."""
+  gammas = jnp.asarray(config.edit_gammas, jnp.float32)
+
+  def run(x_edit, direction, cond, uncond, params):
+    p = _with_params(pipe, params)
+    eps_fn = _eps_fn(p, cond, uncond, config.guidance_scale)
+    out = editing.edit(eps_fn, x_edit, k_edit, direction, s, config.num_steps, gamma=gammas,
+                       guidance_steps=config.edit_guidance_steps)
+    return (jnp.swapaxes(pipeline.decode(p, out.x0), 0, 1),  # (G, B, ...) -> (B, G, ...)
+            pipeline.decode(p, out.x0_reference))
+  return distributed.data_parallel(run, mesh, num_batched=4)
 
 
 def mean_pairwise(bases: np.ndarray, pairs) -> float:
@@ -78,7 +113,7 @@ def mean_pairwise(bases: np.ndarray, pairs) -> float:
   return float(np.mean([grassmann.geodesic_distance(bases[i], bases[j]) for i, j in pairs]))
 
 
-def plot_lines(path, x, series: dict, xlabel, ylabel, title):
+def plot_lines(x, series: dict, xlabel, ylabel, title):
   fig, ax = plt.subplots(figsize=(5, 3.4))
   for label, y in series.items():
     ax.plot(x, y, marker='o', label=label)
@@ -88,20 +123,17 @@ def plot_lines(path, x, series: dict, xlabel, ylabel, title):
   if len(series) > 1:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
-  start = time.perf_counter()
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value)
   folder = config.pipeline_dir or digits.pipeline_dir()
-  pipe = models.load_pipeline(folder)
+  with run.timed('load'):
+    pipe = pipeline.replicate(models.load_pipeline(folder))  # params on every device once
   is_digits = pipe.class_name == digits.PIPELINE_CLASS
   prompts, seeds = list(config.prompts), [int(s) for s in config.seeds]
   if not prompts or not seeds:
@@ -115,29 +147,35 @@ def main(argv):
   h, w = pipeline.default_image_size(pipe)
   f = pipeline.latent_factor(pipe)
   shape = (h // f, w // f, pipe.unet.config.in_channels)
-  noise = jnp.stack([jax.random.normal(jax.random.key(sd), shape) for _, sd in samples])
-  cond = pipeline.encode_prompts(pipe, [p for p, _ in samples])
-  uncond = pipeline.encode_prompts(pipe, [''] * n)
+  mesh = distributed.make_mesh()
+  params = {'unet': pipe.unet_params, 'vae': pipe.vae_params}
+  # Host copies, identical on every process (rule 2 of `distributed`).
+  noise = np.stack([np.asarray(jax.random.normal(jax.random.key(sd), shape)) for _, sd in samples])
+  cond, uncond = distributed.to_host((pipeline.encode_prompts(pipe, [p for p, _ in samples]),
+                                      pipeline.encode_prompts(pipe, [''] * n)))
 
-  eps_fn, x0, traj = trajectories(pipe, s, cond, uncond, noise, config)
+  with run.timed('trajectories'):
+    x0, traj_x = trajectories_fn(pipe, s, config, mesh)(noise, cond, uncond, params)
   grid_ts = s.inference_timesteps(config.num_steps)
   idx = [editing.edit_step_index(s, config.num_steps, tt) for tt in config.times]
   ts = [float(grid_ts[i]) for i in idx]
-  logging.info('%d samples; bases at t = %s (k=%d)', n, ts, config.num_vectors)
+  logging.info('%d samples on %d device(s); bases at t = %s (k=%d)', n, jax.device_count(), ts,
+               config.num_vectors)
 
   # -- local bases -------------------------------------------------------------------------------
-  basis_fn = bases_at(pipe, config)
-  keys = jax.random.split(jax.random.key(0), n)
+  basis_fn = bases_fn(pipe, config, mesh)
+  keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), n)))
   sv, lat, tan, iters = [], [], [], []
-  for k, t in zip(idx, ts):
-    b = basis_fn(traj.x_t[k], jnp.float32(t), cond, keys)
-    sv.append(np.asarray(b.singular_values))
-    lat.append(np.asarray(b.latent_basis))
-    tan.append(np.asarray(b.tangent_basis))
-    iters.append(np.asarray(b.num_iters_run))
-    logging.info('t=%.0f: sigma_1 %.3g, iterations %s', t, sv[-1][:, 0].mean(), iters[-1].tolist())
+  with run.timed('bases'):
+    for k, t in zip(idx, ts):
+      b = basis_fn(traj_x[:, k], cond, keys, np.float32(t), params)
+      sv.append(b.singular_values)
+      lat.append(b.latent_basis)
+      tan.append(b.tangent_basis)
+      iters.append(b.num_iters_run)
+      logging.info('t=%.0f: sigma_1 %.3g, iterations %s', t, sv[-1][:, 0].mean(),
+                   iters[-1].tolist())
   sv, lat, tan = np.stack(sv), np.stack(lat), np.stack(tan)  # (T, n, k, ...)
-  basis_s = time.perf_counter() - start
 
   # (a) frequency content of the latent directions.
   low = np.asarray(spectra.low_frequency_fraction(jnp.asarray(lat), config.psd_cutoff))  # (T, n, k)
@@ -152,20 +190,19 @@ def main(argv):
              for b in range(len(ts))] for a in range(len(ts))]
   d_max = float(np.pi / 2 * np.sqrt(config.num_vectors))
 
-  # (c) editing along the top latent direction at edit_time.
+  # (c) editing along the top latent direction at edit_time, against a random unit direction.
   k_edit = editing.edit_step_index(s, config.num_steps, config.edit_time)
-  x_edit = traj.x_t[k_edit]
-  b_edit = basis_fn(x_edit, jnp.float32(grid_ts[k_edit]), cond, keys)
-  top = b_edit.latent_basis[:, 0]
-  rand = jax.random.normal(jax.random.key(1), top.shape)
-  rand = rand / jnp.sqrt(jnp.sum(rand ** 2, axis=(1, 2, 3), keepdims=True))
-  gammas = jnp.asarray(config.edit_gammas, jnp.float32)
-  run_edit = jax.jit(lambda d: editing.edit(eps_fn, x_edit, k_edit, d, s, config.num_steps,
-                                            gamma=gammas, guidance_steps=config.edit_guidance_steps))
-  edited, edited_rand = run_edit(top), run_edit(rand)
-  imgs = np.asarray(pipeline.decode(pipe, edited.x0))  # (G, n, H, W, C)
-  imgs_rand = np.asarray(pipeline.decode(pipe, edited_rand.x0))
-  ref = np.asarray(pipeline.decode(pipe, edited.x0_reference))
+  x_edit = traj_x[:, k_edit]
+  with run.timed('edits'):
+    b_edit = basis_fn(x_edit, cond, keys, np.float32(grid_ts[k_edit]), params)
+    top = b_edit.latent_basis[:, 0]
+    rand = np.asarray(jax.random.normal(jax.random.key(1), top.shape))
+    rand = rand / np.sqrt(np.sum(rand ** 2, axis=(1, 2, 3), keepdims=True))
+    run_edit = edit_fn(pipe, s, config, k_edit, mesh)
+    imgs, ref = run_edit(x_edit, top, cond, uncond, params)
+    imgs_rand, _ = run_edit(x_edit, rand, cond, uncond, params)
+  imgs, imgs_rand = imgs.swapaxes(0, 1), imgs_rand.swapaxes(0, 1)  # (G, n, H, W, C)
+  gammas = np.asarray(config.edit_gammas, np.float32)
   change = np.abs(imgs - ref[None]).mean(axis=(2, 3, 4))  # (G, n)
   change_rand = np.abs(imgs_rand - ref[None]).mean(axis=(2, 3, 4))
   edit_results = {
@@ -174,38 +211,41 @@ def main(argv):
       'mean_abs_pixel_change_random': change_rand.mean(1).tolist(),
   }
   if is_digits:
-    scorer = metrics.Scorer.load(config.classifier_dir or None)
+    scorer = metrics.Scorer.load(paths.local_folder(config.classifier_dir, 'config.classifier_dir')
+                                 if config.classifier_dir else None)  # None: the shipped one
     want = np.array([dataset.parse_caption(p)[0] for p, _ in samples])
     read = scorer.predict(imgs.reshape(-1, *imgs.shape[2:]) * 2 - 1).reshape(len(gammas), n)
     edit_results['digit_kept'] = (read == want[None]).mean(1).tolist()
-    small = np.abs(np.asarray(gammas)) <= config.small_gamma + 1e-9
+    small = np.abs(gammas) <= config.small_gamma + 1e-9
     edit_results['digit_kept_small_gamma'] = float((read[small] == want[None]).mean())
     edit_results['reference_digit_accuracy'] = float(np.mean(
         scorer.predict(ref * 2 - 1) == want))
 
-  # -- outputs -----------------------------------------------------------------------------------
-  grid(imgs.transpose(1, 0, 2, 3, 4).reshape(-1, *imgs.shape[2:]), n, len(gammas), 3).save(
-      os.path.join(workdir, 'edits.png'))
+  # -- outputs (process 0) -----------------------------------------------------------------------
+  run.save_image('edits.png', grid(imgs.transpose(1, 0, 2, 3, 4).reshape(-1, *imgs.shape[2:]),
+                                   n, len(gammas), 3))
   if lat.shape[-1] in (1, 3):
     shown = lat[:, 0, :min(config.num_vectors, 8)]  # sample 0, top directions, per time
-    grid(np.concatenate([_unit_rows(r) for r in shown]), len(ts), shown.shape[1], 3).save(
-        os.path.join(workdir, 'directions.png'))
+    run.save_image('directions.png', grid(np.concatenate([_unit_rows(r) for r in shown]),
+                                          len(ts), shown.shape[1], 3))
   t_frac = [t / s.num_train_timesteps for t in ts]
-  plot_lines(os.path.join(workdir, 'spectra.png'), np.arange(1, config.num_vectors + 1),
-             {f't={t:.0f}': sv[a].mean(0) for a, t in enumerate(ts)}, 'index i',
-             'singular value sigma_i', 'Jacobian dh/dx_t: singular values (mean over samples)')
-  plot_lines(os.path.join(workdir, 'frequency.png'), t_frac,
-             {'top direction': low[:, :, 0].mean(1), f'top {config.num_vectors}': low.mean((1, 2))},
-             't / T', f'energy fraction at radius < {config.psd_cutoff:g}',
-             'Low-frequency content of latent directions')
-  plot_lines(os.path.join(workdir, 'geodesic.png'), t_frac,
-             {'same prompt': d_same, 'different prompts': d_diff}, 't / T',
-             f'mean geodesic distance (max {d_max:.2f})', 'Tangent spaces of different samples')
-  np.savez(os.path.join(workdir, 'bases.npz'), times=np.array(ts), singular_values=sv,
-           latent_basis=lat, tangent_basis=tan, num_iters=np.stack(iters), x0=np.asarray(x0),
-           prompts=np.array([p for p, _ in samples]), seeds=np.array([sd for _, sd in samples]))
-  results = {
+  run.save_figure('spectra.png', plot_lines(
+      np.arange(1, config.num_vectors + 1), {f't={t:.0f}': sv[a].mean(0) for a, t in enumerate(ts)},
+      'index i', 'singular value sigma_i', 'Jacobian dh/dx_t: singular values (mean over samples)'))
+  run.save_figure('frequency.png', plot_lines(
+      t_frac,
+      {'top direction': low[:, :, 0].mean(1), f'top {config.num_vectors}': low.mean((1, 2))},
+      't / T', f'energy fraction at radius < {config.psd_cutoff:g}',
+      'Low-frequency content of latent directions'))
+  run.save_figure('geodesic.png', plot_lines(
+      t_frac, {'same prompt': d_same, 'different prompts': d_diff}, 't / T',
+      f'mean geodesic distance (max {d_max:.2f})', 'Tangent spaces of different samples'))
+  run.save_npz('bases.npz', times=np.array(ts), singular_values=sv, latent_basis=lat,
+               tangent_basis=tan, num_iters=np.stack(iters), x0=x0,
+               prompts=np.array([p for p, _ in samples]), seeds=np.array([sd for _, sd in samples]))
+  run.finish({
       'samples': [{'prompt': p, 'seed': sd} for p, sd in samples], 'times': ts,
+      'pipeline_dir': folder,
       'singular_values_mean': sv.mean(1).tolist(),
       'iterations': np.stack(iters).tolist(),
       'low_frequency_fraction_top': low[:, :, 0].mean(1).tolist(),
@@ -214,15 +254,7 @@ def main(argv):
       'geodesic_same_prompt': d_same, 'geodesic_different_prompts': d_diff,
       'geodesic_across_times_same_sample': d_time, 'geodesic_max': d_max,
       'edit': edit_results,
-      'settings': {k: config[k] for k in ('num_steps', 'guidance_scale', 'num_vectors',
-                                          'num_iters', 'tol', 'psd_cutoff', 'edit_time',
-                                          'edit_guidance_steps')} | {'pipeline_dir': folder},
-      'timing': {'bases_s': basis_s, 'total_s': time.perf_counter() - start},
-      'device_kind': jax.devices()[0].device_kind,
-  }
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  logging.info('wrote %s', workdir)
+  })
 
 
 if __name__ == '__main__':

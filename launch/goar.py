@@ -21,14 +21,18 @@ each metric's method ranking with it, the spread of each metric's scores, and co
 invariance: everything again after a random rotation x -> R x of the data (the original
 classifier retrained on the rotated data from the same seed).
 
-Writes to --workdir: `config.json`, `results.json` (curves, scores, rankings) and `curves.png`.
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`, `results.json` (metrics:
+`original` and, synthetic, `rotated` curves and scores, their `summary` / `summary_rotated`
+rankings and the `invariance`) and `curves.png`. Multi-host (--jax_distributed): the attributions
+(over samples) and the retrained classifiers (over models) are split over every process's devices
+(`distributed.data_parallel`), every process gets every number, and process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 import time
 from typing import Callable
 
@@ -43,7 +47,7 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffgeo_jax import digits, models  # noqa: E402
+from diffgeo_jax import digits, distributed, models, runs  # noqa: E402
 from diffgeo_jax.diffusion import pipeline  # noqa: E402
 from diffgeo_jax.digits import classifier as classifier_lib, dataset  # noqa: E402
 from diffgeo_jax.xai import attributions, goar, retrain, roar, synthetic  # noqa: E402
@@ -58,11 +62,13 @@ class Task:
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
-  logits_fn: Callable      # the original classifier, (N, ...) -> (N, C)
+  apply: Callable          # the original classifier, (params, x (N, ...)) -> logits (N, C)
+  params: object
   model: object            # the architecture retrained by ROAR / GOAR
   fill: np.ndarray         # ROAR's replacement value (per entry or per channel)
   project: Callable | None = None
   weights_test: np.ndarray | None = None  # synthetic ground truth
+  attributors: dict = dataclasses.field(default_factory=dict)  # method -> data-parallel fn
 
 
 def synthetic_task(config, rotation: np.ndarray | None = None) -> Task:
@@ -78,12 +84,12 @@ def synthetic_task(config, rotation: np.ndarray | None = None) -> Task:
   model = retrain.MLP(hidden=tuple(c.hidden), num_classes=2)
   params = retrain.train_one(model, x_train, train.y, jax.random.key(c.seed), steps=c.steps,
                              batch_size=c.batch_size, learning_rate=c.learning_rate)
-  logits_fn = lambda x: model.apply({'params': params}, x)
-  acc = float(np.mean(np.asarray(jnp.argmax(logits_fn(x_test), -1)) == test.y))
+  apply = lambda p, x: model.apply({'params': p}, x)
+  acc = float(np.mean(np.asarray(jnp.argmax(apply(params, x_test), -1)) == test.y))
   logging.info('original classifier test accuracy %.3f', acc)
   rmodel = retrain.MLP(hidden=tuple(config.retrain.hidden), num_classes=2)
-  return Task(x_train.astype(np.float32), train.y, x_test.astype(np.float32), test.y, logits_fn,
-              rmodel, x_train.mean(axis=0), weights_test=w_test)
+  return Task(x_train.astype(np.float32), train.y, x_test.astype(np.float32), test.y, apply,
+              params, rmodel, x_train.mean(axis=0), weights_test=w_test)
 
 
 def digits_task(config) -> Task:
@@ -99,9 +105,9 @@ def digits_task(config) -> Task:
   x_train, y_train = take('train', d.num_train)
   x_test, y_test = take('test', d.num_test)
   model, params = classifier_lib.load(config.classifier_dir or None)
-  logits_fn = lambda x: model.apply({'params': params}, x)
+  apply = lambda p, x: model.apply({'params': p}, x)
   rmodel = retrain.MLP(hidden=tuple(config.retrain.hidden), num_classes=10)
-  pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+  pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
   g = config.goar
 
   def project(x, level):
@@ -120,68 +126,86 @@ def digits_task(config) -> Task:
     return np.concatenate(out) * 2 - 1
 
   fill = x_train.reshape(-1, 3).mean(axis=0)  # per channel, as google-research's ROAR
-  return Task(x_train, y_train, x_test, y_test, logits_fn, rmodel, fill, project)
+  return Task(x_train, y_train, x_test, y_test, apply, params, rmodel, fill, project)
 
 
 def attribute(task: Task, method: str, x, y, key, config) -> np.ndarray:
+  """Attributions of x (N, ...) for labels y, in chunks of `attribution.batch` samples, each chunk
+  split over every device. Sample i's key is `split(key, rows)[i]`, which does not depend on
+  `rows` (threefry's partitionable mode, jax's default), so padding and the number of devices
+  leave the maps unchanged."""
   a = config.attribution
-  opts = {'integrated_gradients': dict(steps=a.ig_steps),
-          'smoothgrad': dict(samples=a.smoothgrad_samples, noise=a.smoothgrad_noise)}
+  if method not in task.attributors:
+    opts = {'integrated_gradients': dict(steps=a.ig_steps),
+            'smoothgrad': dict(samples=a.smoothgrad_samples, noise=a.smoothgrad_noise)}
+    fn = lambda xb, yb, k, params: attributions.attribute(
+        method, functools.partial(task.apply, params), xb, yb, k, **opts.get(method, {}))
+    task.attributors[method] = distributed.data_parallel(fn, num_batched=2)
+  # Bounded memory (IG and SmoothGrad multiply the batch); every chunk padded to one size, so
+  # that the training and test sets share one executable.
+  size = min(a.batch, max(len(task.x_train), len(task.x_test)))
   out = []
-  for i in range(0, len(x), a.batch):  # bounded memory (IG and SmoothGrad multiply the batch)
-    out.append(np.asarray(attributions.attribute(
-        method, task.logits_fn, x[i:i + a.batch], y[i:i + a.batch], jax.random.fold_in(key, i),
-        **opts.get(method, {}))))
+  for i in range(0, len(x), size):
+    n = len(x[i:i + size])
+    pad = lambda v: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
+    out.append(task.attributors[method](pad(x[i:i + size]), pad(y[i:i + size]),
+                                        jax.random.fold_in(key, i), task.params)[:n])
   return np.concatenate(out)
 
 
-def metrics_of(task: Task, config, label: str) -> dict:
-  """ROAR and GOAR curves (method, level, seed) and per-seed scores of every method."""
-  methods, r = list(config.methods), config.retrain
+def perturbation_sets(task: Task, config, label: str):
+  """Per method: ROAR's removal sets and GOAR's perturbation sets of the training and test data,
+  and (synthetic) the ground-truth score of its test attributions."""
   key = jax.random.key(config.attribution.seed)
-  roar_train, roar_test, goar_train, goar_test, gt = [], [], [], [], {}
-  t0 = time.time()
-  for j, m in enumerate(methods):
+  sets = {'roar': ([], []), 'goar': ([], [])}
+  gt, t0 = {}, time.time()
+  for j, m in enumerate(config.methods):
     km = jax.random.fold_in(key, j)
     a_train = attribute(task, m, task.x_train, task.y_train, jax.random.fold_in(km, 0), config)
     a_test = attribute(task, m, task.x_test, task.y_test, jax.random.fold_in(km, 1), config)
-    roar_train.append(roar.removal_sets(task.x_train, a_train, config.roar.fractions, task.fill))
-    roar_test.append(roar.removal_sets(task.x_test, a_test, config.roar.fractions, task.fill))
+    sets['roar'][0].append(roar.removal_sets(task.x_train, a_train, config.roar.fractions,
+                                             task.fill))
+    sets['roar'][1].append(roar.removal_sets(task.x_test, a_test, config.roar.fractions,
+                                             task.fill))
     if task.weights_test is not None:
       flat = a_test.reshape(len(a_test), -1)
       gt[m] = float(np.mean(synthetic.rank_correlation(flat, task.weights_test)))
-    for split, x, y, out in (('train', task.x_train, task.y_train, goar_train),
-                             ('test', task.x_test, task.y_test, goar_test)):
-      ks = jax.random.fold_in(km, 2 if split == 'train' else 3)
+    for i, (x, y) in enumerate(((task.x_train, task.y_train), (task.x_test, task.y_test))):
+      ks = jax.random.fold_in(km, 2 + i)
       direction = (lambda xx, yy, k, ks=ks, m=m:
                    attribute(task, m, xx, yy, jax.random.fold_in(ks, k), config))
-      out.append(goar.perturbation_sets(x, y, direction, config.goar.step_size,
-                                        config.goar.levels, task.project))
+      sets['goar'][i].append(goar.perturbation_sets(x, y, direction, config.goar.step_size,
+                                                    config.goar.levels, task.project))
     logging.info('[%s] %s: attributions and perturbations done (%.0f s)', label, m,
                  time.time() - t0)
-  perturb_s = time.time() - t0
+  return sets, gt
+
+
+def metrics_of(run: runs.Run, task: Task, config, label: str) -> dict:
+  """ROAR and GOAR curves (method, level, seed) and per-seed scores of every method."""
+  methods, r = list(config.methods), config.retrain
+  with run.timed('perturb'):
+    sets, gt = perturbation_sets(task, config, label)
+  mesh = distributed.make_mesh()  # the retrained models split over every device
+  retrain_and_test = functools.partial(
+      retrain.retrain_and_test, task.model, y_train=task.y_train, y_test=task.y_test,
+      seeds=tuple(r.seeds), steps=r.steps, batch_size=r.batch_size,
+      learning_rate=r.learning_rate, mesh=mesh)
   out = {}
-  for name, train_sets, test_sets, fn in (('roar', roar_train, roar_test, roar.score),
-                                          ('goar', goar_train, goar_test, goar.score)):
-    tr, te = np.concatenate(train_sets), np.concatenate(test_sets)
-    t1 = time.time()
-    acc = np.asarray(retrain.retrain_and_test(
-        task.model, tr, task.y_train, te, task.y_test, tuple(r.seeds), steps=r.steps,
-        batch_size=r.batch_size, learning_rate=r.learning_rate))
-    acc = acc.reshape(len(methods), -1, len(r.seeds))  # (method, level, seed)
-    per_seed = np.array([[fn(acc[i, :, s]) for s in range(len(r.seeds))]
-                         for i in range(len(methods))])
-    out[name] = {'accuracy': acc.tolist(), 'score_per_seed': per_seed.tolist(),
-                 'score_mean': per_seed.mean(axis=1).tolist(),
-                 'score_std': per_seed.std(axis=1).tolist(),
-                 'retrained_models': int(acc.size), 'retrain_s': round(time.time() - t1, 1)}
-    logging.info('[%s] %s scores: %s', label, name,
-                 dict(zip(methods, np.round(per_seed.mean(axis=1), 4))))
-  clean = np.asarray(retrain.retrain_and_test(
-      task.model, task.x_train[None], task.y_train, task.x_test[None], task.y_test,
-      tuple(r.seeds), steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate))
+  with run.timed('retrain'):
+    for name, fn in (('roar', roar.score), ('goar', goar.score)):
+      train_sets, test_sets = sets[name]
+      acc = retrain_and_test(np.concatenate(train_sets), x_test=np.concatenate(test_sets))
+      acc = acc.reshape(len(methods), -1, len(r.seeds))  # (method, level, seed)
+      per_seed = np.array([[fn(acc[i, :, s]) for s in range(len(r.seeds))]
+                           for i in range(len(methods))])
+      out[name] = {'accuracy': acc.tolist(), 'score_per_seed': per_seed.tolist(),
+                   'score_mean': per_seed.mean(axis=1).tolist(),
+                   'score_std': per_seed.std(axis=1).tolist(), 'retrained_models': int(acc.size)}
+      logging.info('[%s] %s scores: %s', label, name,
+                   dict(zip(methods, np.round(per_seed.mean(axis=1), 4))))
+    clean = retrain_and_test(task.x_train[None], x_test=task.x_test[None])
   out['clean_accuracy'] = clean[0].tolist()
-  out['perturb_s'] = round(perturb_s, 1)
   if gt:
     out['ground_truth'] = [gt[m] for m in methods]
   return out
@@ -226,13 +250,13 @@ def invariance(before: dict, after: dict, methods: list[str]) -> dict:
   return out
 
 
-def figure(path: str, results: dict, config, title: str) -> None:
+def figure(metrics: dict, config, title: str):
   methods = list(config.methods)
-  runs = [('', results['metrics'])]
-  if 'rotated' in results:
-    runs.append((' (rotated data)', results['rotated']))
-  fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.8 * len(runs)), squeeze=False)
-  for row, (suffix, res) in enumerate(runs):
+  panels = [('', metrics['original'])]
+  if 'rotated' in metrics:
+    panels.append((' (rotated data)', metrics['rotated']))
+  fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.8 * len(panels)), squeeze=False)
+  for row, (suffix, res) in enumerate(panels):
     for col, (name, xs, xlabel, ylabel) in enumerate((
         ('roar', list(config.roar.fractions), 'fraction of entries removed', 'test accuracy'),
         ('goar', list(range(1, config.goar.levels + 1)),
@@ -253,45 +277,40 @@ def figure(path: str, results: dict, config, title: str) -> None:
       ax.legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config = _CONFIG.value
   unknown = [m for m in config.methods if m not in attributions.METHODS]
   if unknown:
     raise ValueError(f'config.methods has unknown methods {unknown}; known: '
                      f'{attributions.METHODS}')
   if config.task not in ('synthetic', 'digits'):
     raise ValueError(f"config.task must be 'synthetic' or 'digits', got {config.task!r}")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  run = runs.start(config, _WORKDIR.value)
   methods = list(config.methods)
-  t0 = time.time()
-  task = synthetic_task(config) if config.task == 'synthetic' else digits_task(config)
-  results = {'task': config.task, 'methods': methods}
-  results['metrics'] = metrics_of(task, config, 'original')
-  results['summary'] = summarize(results['metrics'], methods)
+  with run.timed('setup'):
+    task = synthetic_task(config) if config.task == 'synthetic' else digits_task(config)
+  metrics = {'original': metrics_of(run, task, config, 'original')}
+  metrics['summary'] = summarize(metrics['original'], methods)
   if config.task == 'synthetic' and config.rotation:
     d = config.data.dims
     q = np.linalg.qr(np.random.default_rng(config.rotation_seed).standard_normal((d, d)))[0]
-    rotated = synthetic_task(config, rotation=q.astype(np.float32))
-    results['rotated'] = metrics_of(rotated, config, 'rotated')
-    results['summary_rotated'] = summarize(results['rotated'], methods)
-    results['invariance'] = invariance(results['metrics'], results['rotated'], methods)
-  results['wall_s'] = round(time.time() - t0, 1)
-  results['jax'], results['backend'] = jax.__version__, jax.default_backend()
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  figure(os.path.join(workdir, 'curves.png'), results, config,
-         f'ROAR vs GOAR on the {config.task} task ({len(config.retrain.seeds)} seeds)')
-  logging.info('summary: %s', json.dumps(results['summary']))
-  if 'invariance' in results:
-    logging.info('invariance: %s', json.dumps(results['invariance']))
+    with run.timed('setup'):
+      rotated = synthetic_task(config, rotation=q.astype(np.float32))
+    metrics['rotated'] = metrics_of(run, rotated, config, 'rotated')
+    metrics['summary_rotated'] = summarize(metrics['rotated'], methods)
+    metrics['invariance'] = invariance(metrics['original'], metrics['rotated'], methods)
+  run.save_figure('curves.png', figure(
+      metrics, config, f'ROAR vs GOAR on the {config.task} task ({len(config.retrain.seeds)} '
+      'seeds)'), dpi=120)
+  logging.info('summary: %s', json.dumps(metrics['summary']))
+  if 'invariance' in metrics:
+    logging.info('invariance: %s', json.dumps(metrics['invariance']))
+  run.finish(metrics)
 
 
 if __name__ == '__main__':

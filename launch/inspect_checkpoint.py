@@ -1,10 +1,12 @@
-r"""Load a local diffusers model or pipeline folder with the Flax ports and run each model once.
+r"""Load a diffusers model or pipeline folder with the Flax ports and run each model once.
 
     python launch/inspect_checkpoint.py --model_dir=/path/to/stable-diffusion-v1-5 --workdir=/tmp/inspect
 
 Checks that every key and shape of the checkpoint fits our port (the error lists any that do not),
 counts parameters, runs one jit-compiled forward pass per model on zeros, and writes
-`results.json` (parameter counts, output shapes and norms, compile and run seconds) to --workdir.
+`config.json` (the flags) and `results.json` (metrics: per model, parameter count, output shape
+and norm, compile and run seconds) to --workdir (local or gs://). --model_dir may be on gs://
+(staged once per host). Multi-host: every process runs the same passes; process 0 writes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from diffgeo_jax import models
+from diffgeo_jax import models, paths, runs
 from diffgeo_jax.models import clip, config_utils, unet, vae
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'diffusers pipeline or model folder.',
@@ -52,19 +54,21 @@ def _timed_forward(name, model, params, args, method=None):
 def main(argv):
   del argv
   kwargs = dict(variant=_VARIANT.value, allow_pickle=_ALLOW_PICKLE.value)
-  path = _MODEL_DIR.value
+  run = runs.start({'model_dir': _MODEL_DIR.value, **kwargs}, _WORKDIR.value)
   found = {}
-  if os.path.exists(os.path.join(path, 'model_index.json')):
-    pipe = models.load_pipeline(path, **kwargs)
-    for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
-      if getattr(pipe, name) is not None:
-        found[name] = (getattr(pipe, name), getattr(pipe, f'{name}_params'))
-  else:
-    cfg = config_utils.read_json(os.path.join(path, 'config.json'))
-    default = 'CLIPTextModel' if 'architectures' in cfg else 'UNet2DConditionModel'
-    found['model'] = models.load_model(path, default, **kwargs)
+  with run.timed('load'):
+    path = paths.local_folder(_MODEL_DIR.value, '--model_dir')
+    if os.path.exists(os.path.join(path, 'model_index.json')):
+      pipe = models.load_pipeline(path, **kwargs)
+      for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
+        if getattr(pipe, name) is not None:
+          found[name] = (getattr(pipe, name), getattr(pipe, f'{name}_params'))
+    else:
+      cfg = config_utils.read_json(os.path.join(path, 'config.json'))
+      default = 'CLIPTextModel' if 'architectures' in cfg else 'UNet2DConditionModel'
+      found['model'] = models.load_model(path, default, **kwargs)
 
-  results = {'model_dir': path}
+  results = {}
   for name, (model, params) in found.items():
     if isinstance(model, models.UNet2DConditionModel):
       args = unet.dummy_inputs(model.config, size=max(8, 2 ** (len(model.config.block_out_channels) - 1)))
@@ -76,9 +80,7 @@ def main(argv):
                                      method='encode')
     else:
       results[name] = _timed_forward(name, model, params, clip.dummy_inputs(model.config))
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  run.finish(results)
   print(json.dumps(results, indent=2))
 
 

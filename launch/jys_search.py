@@ -20,16 +20,18 @@ its levels (the hierarchy); other NFE get their own search (greedy split of the 
 NFE here is the number of denoiser calls: our schedules end at t = 0, where the last log-linear
 step unmasks every token, so no extra final call is made (the official code makes N + 1).
 
-Writes to --workdir: `config.json`, `schedules.json` (times per NFE), `results.json`,
-`table.md` (the metric-versus-NFE tables), one plot per metric (`metric.png` for the toys' KL,
-`error_rate.png`, `accuracy.png`, `frechet_distance.png`), `schedules.png` (JYS against uniform).
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`, `schedules.json` (times
+per NFE), `results.json` (metrics: toys: per toy, variant and NFE; trained: `samplers`, per sampler,
+schedule and NFE, and the `model_dir`), `table.md` (the metric-versus-NFE tables), one plot per
+metric (`metric.png` for the toys' KL, `error_rate.png`, `accuracy.png`, `frechet_distance.png`),
+`schedules.png` (JYS against uniform). Multi-host (--jax_distributed): the search's grid passes
+are split over every process's devices (`jys.search_with_info(mesh=...)`); the rest runs on every
+process alike, and process 0 writes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffgeo_jax import distributed, paths, runs
 from diffgeo_jax.discrete import jys, processes, samplers, toy
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/jys/*.py')
@@ -70,27 +73,26 @@ def make_toy(name: str, vocab_size: int, length: int) -> toy.ToyData:
                    'independent')
 
 
-def jys_schedules(denoiser, process, data_sampler, nfes, key, **kw) -> tuple[dict, dict]:
+def jys_schedules(denoiser, process, data_sampler, nfes, key, **kw) -> dict:
   """{nfe: times} for every nfe, from one search to the largest power of two (whose levels are
-  the smaller powers) plus one search per other nfe; and {nfe: search wall seconds}."""
+  the smaller powers) plus one search per other nfe. The grid passes are split over every device."""
   nfes = sorted(set(int(n) for n in nfes))
   powers = [n for n in nfes if n & (n - 1) == 0]
-  out, wall = {}, {}
+  kw = {'mesh': distributed.make_mesh(), **kw}
+  out = {}
   if powers:
     r = jys.search_with_info(denoiser, process, data_sampler, max(powers), key, **kw)
     for n in powers:
       out[n] = r.levels[int(np.log2(n))]
-      wall[n] = r.wall_s
   for n in nfes:
     if n not in out:
-      r = jys.search_with_info(denoiser, process, data_sampler, n, key, **kw)
-      out[n], wall[n] = r.times, r.wall_s
-  return out, wall
+      out[n] = jys.search_with_info(denoiser, process, data_sampler, n, key, **kw).times
+  return out
 
 
 # -- toys ------------------------------------------------------------------------------------------
 
-def run_toys(config, workdir):
+def run_toys(config, run: runs.Run):
   results, schedules = {}, {}
   for name in config.toys:
     d = make_toy(name, config.vocab_size, config.length)
@@ -99,10 +101,10 @@ def run_toys(config, workdir):
     rows = {}
     variants = {'uniform': {n: samplers.uniform_times(n) for n in config.nfes}}
     for comp in (False, True):
-      sched, _ = jys_schedules(den, proc, d.sample, config.nfes, jax.random.key(config.seed),
-                               num_samples=config.num_samples, grid_size=config.grid_size,
-                               compensator=comp)
-      variants['jys_compensator' if comp else 'jys'] = sched
+      with run.timed('search'):
+        variants['jys_compensator' if comp else 'jys'] = jys_schedules(
+            den, proc, d.sample, config.nfes, jax.random.key(config.seed),
+            num_samples=config.num_samples, grid_size=config.grid_size, compensator=comp)
     for variant, per_nfe in variants.items():
       for n, times in per_nfe.items():
         q = d.sampled_distribution(proc, times)
@@ -128,17 +130,18 @@ def run_toys(config, workdir):
       lines.append(f'| {name} | {n} | {rows["uniform"][n]["kl"]:.4f} | {rows["jys"][n]["kl"]:.4f} '
                    f'| {rows["jys_compensator"][n]["kl"]:.4f} | '
                    f'{"" if bf is None else f"{bf:.4f}"} | {rows["jys"][n]["sum_cde"]:.4f} |')
-  _plot_metric({name: {v: {n: r['kl'] for n, r in per.items()} for v, per in rows.items()
-                       if v != 'brute_force'} for name, rows in results.items()},
-               'exact KL(data || sampled)', os.path.join(workdir, 'metric.png'), log=True)
-  _plot_schedules({name: s['jys'][max(config.nfes)] for name, s in schedules.items()},
-                  os.path.join(workdir, 'schedules.png'))
+  run.save_figure('metric.png', _plot_metric(
+      {name: {v: {n: r['kl'] for n, r in per.items()} for v, per in rows.items()
+              if v != 'brute_force'} for name, rows in results.items()},
+      'exact KL(data || sampled)', log=True))
+  run.save_figure('schedules.png', _plot_schedules(
+      {name: s['jys'][max(config.nfes)] for name, s in schedules.items()}))
   return results, schedules, lines
 
 
 # -- plots -----------------------------------------------------------------------------------------
 
-def _plot_metric(series, ylabel, path, log=False):
+def _plot_metric(series, ylabel, log=False):
   """series: {panel: {variant: {nfe: value}}}: one panel per key, value against NFE."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
@@ -159,11 +162,10 @@ def _plot_metric(series, ylabel, path, log=False):
     ax.set_ylabel(ylabel)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
-def _plot_schedules(schedules, path):
+def _plot_schedules(schedules):
   """Each JYS schedule's times against step index, with the uniform schedule dashed."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
@@ -179,8 +181,7 @@ def _plot_schedules(schedules, path):
   ax.set_title(f'schedules, NFE {n}')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 # -- trained models ---------------------------------------------------------------------------------
@@ -216,11 +217,12 @@ def _scorer():
   return _SCORER[0]
 
 
-def run_trained(config, workdir):
+def run_trained(config, run: runs.Run):
   from diffgeo_jax.discrete import data, model as model_lib  # noqa: PLC0415
   folder = config.model_dir or os.path.join(os.path.dirname(model_lib.__file__), 'pretrained',
                                             config.task)
-  net, params, mcfg = model_lib.load(folder)
+  # A model folder on gs:// (a train_discrete export) is staged once per host.
+  net, params, mcfg = model_lib.load(paths.local_folder(folder, 'config.model_dir'))
   proc = processes.Absorbing(mcfg.vocab_size, processes.LogLinear(config.process_eps))
   den = jax.jit(model_lib.denoiser(net, params))
   length = mcfg.length
@@ -237,12 +239,12 @@ def run_trained(config, workdir):
       return jnp.asarray(train_tokens)[jax.random.randint(key, (n,), 0, len(train_tokens))]
     labels = np.arange(config.num_eval_samples) % 10
 
-  t0 = time.time()
-  jys_sched, search_wall = jys_schedules(
-      den, proc, data_sampler, config.nfes, jax.random.key(config.seed),
-      num_samples=config.num_samples, grid_size=config.grid_size,
-      compensator=config.compensator)
-  logging.info('JYS search: %.1f s', time.time() - t0)
+  with run.timed('search'):
+    jys_sched = jys_schedules(
+        den, proc, data_sampler, config.nfes, jax.random.key(config.seed),
+        num_samples=config.num_samples, grid_size=config.grid_size,
+        compensator=config.compensator)
+  logging.info('JYS search: %.1f s', run.wall_s['search'])
   variants = {'uniform': {n: samplers.uniform_times(n) for n in config.nfes}, 'jys': jys_sched}
   results = {}
   key = jax.random.key(config.seed + 1)
@@ -255,9 +257,10 @@ def run_trained(config, workdir):
           x = np.full((config.num_eval_samples, length), proc.mask_id, np.int32)
           x[:, 0] = data.LABEL_OFFSET + labels
           kw = dict(x_init=jnp.asarray(x))
-        r = samplers.sample(jax.random.fold_in(key, n), den, proc, per_nfe[n], method=method,
-                            **kw)
-        scores = _evaluate(config.task, r.tokens, labels)
+        with run.timed('sampling'):
+          r = samplers.sample(jax.random.fold_in(key, n), den, proc, per_nfe[n], method=method,
+                              **kw)
+          scores = _evaluate(config.task, r.tokens, labels)
         results.setdefault(method, {}).setdefault(variant, {})[n] = {**scores, 'nfe': r.nfe}
         logging.info('%s %s NFE %d: %s', method, variant, n,
                      {k: v for k, v in scores.items() if k != 'per_digit'})
@@ -272,40 +275,31 @@ def run_trained(config, workdir):
         lines.append(f'| {method} | {variant} | ' +
                      ' | '.join(f'{rows[n][metric]:.4f}' for n in sorted(rows)) + ' |')
     lines.append('')
-    _plot_metric({m: {v: {n: r[metric] for n, r in rows.items()} for v, rows in per.items()}
-                  for m, per in results.items()}, metric.replace('_', ' '),
-                 os.path.join(workdir, f'{metric}.png'), log=metric != 'accuracy')
-  _plot_schedules({config.task: jys_sched[max(jys_sched)]}, os.path.join(workdir, 'schedules.png'))
+    run.save_figure(f'{metric}.png', _plot_metric(
+        {m: {v: {n: r[metric] for n, r in rows.items()} for v, rows in per.items()}
+         for m, per in results.items()}, metric.replace('_', ' '), log=metric != 'accuracy'))
+  run.save_figure('schedules.png', _plot_schedules({config.task: jys_sched[max(jys_sched)]}))
   schedules = {'jys': {n: [float(t) for t in s] for n, s in jys_sched.items()}}
-  extra = {'model_dir': folder, 'search_wall_s': search_wall}
-  return {'samplers': results, **extra}, schedules, lines
+  return {'samplers': results, 'model_dir': folder}, schedules, lines
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config = _CONFIG.value
   if config.task not in TASKS:
     raise ValueError(f'config.task must be one of {TASKS}, got {config.task!r}')
   if not config.nfes or any(int(n) < 1 for n in config.nfes):
     raise ValueError(f'config.nfes must be positive integers, got {config.nfes}')
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  t0 = time.time()
+  run = runs.start(config, _WORKDIR.value)
   if config.task == 'toys':
-    results, schedules, lines = run_toys(config, workdir)
+    results, schedules, lines = run_toys(config, run)
   else:
-    results, schedules, lines = run_trained(config, workdir)
-  results = {'task': config.task, 'results': results, 'wall_s': round(time.time() - t0, 1),
-             'jax': jax.__version__, 'backend': jax.default_backend()}
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, 'schedules.json'), 'w') as f:
-    json.dump(schedules, f, indent=2)
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  logging.info('done in %.1f s:\n%s', time.time() - t0, '\n'.join(lines))
+    results, schedules, lines = run_trained(config, run)
+  run.write_json('schedules.json', schedules)
+  run.write_text('table.md', '\n'.join(lines) + '\n')
+  logging.info('tables:\n%s', '\n'.join(lines))
+  run.finish(results)
 
 
 if __name__ == '__main__':

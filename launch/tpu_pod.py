@@ -17,8 +17,19 @@ drops it) so that it calls `jax.distributed.initialize()`. The steps, each one `
   delete    the slice (--delete: after everything else, also when a step failed or on Ctrl-C;
             --delete_only: only this step)
 
-Outputs belong in a `--workdir` on GCS (gs://...): a worker's disk goes with the slice. Ctrl-C
-stops the local gcloud; the remote processes may keep running until the slice is deleted.
+Cloud Storage. Every binary runs on every worker (one JAX process per host, the same program
+everywhere) and reads and writes gs:// paths directly (etils epath + gcsfs, orbax/tensorstore for
+checkpoints), with the TPU VM's service account:
+  --workdir=gs://bucket/run              outputs: config.json, results.json, figures, arrays,
+                                         TensorBoard events, orbax checkpoints (a rerun resumes);
+                                         process 0 writes, every process reads checkpoints
+  --config.pipeline_dir=gs://bucket/sd15  a diffusers folder uploaded once
+                                         (`gsutil -m cp -r stable-diffusion-v1-5 gs://bucket/sd15`):
+                                         every worker reads the weights from the bucket, no copy
+                                         per VM (the tokenizer is staged in ~/.cache/diffgeo_jax)
+A worker's disk goes with the slice, so with --delete the launcher refuses a --workdir (or
+--config.export_dir) that is not on gs://. Ctrl-C stops the local gcloud; the remote processes may
+keep running until the slice is deleted.
 """
 
 from __future__ import annotations
@@ -164,7 +175,10 @@ def plan(cfg: Config) -> list[Step]:
   if cfg.install:
     steps.append(Step('install', tuple(install_command(cfg))))
   if cfg.binary:
-    steps.append(Step('run', tuple(run_command(cfg))))
+    remote = gcs_paths(cfg)
+    note = (f'every worker reads and writes {", ".join(remote)} directly' if remote else
+            'no gs:// path: outputs stay on the workers\' disks (process 0\'s)')
+    steps.append(Step('run', tuple(run_command(cfg)), note))
   if cfg.delete:
     steps.append(delete)
   return steps
@@ -195,6 +209,43 @@ def resolve_binary(binary: str) -> str:
   return rel.replace(os.sep, '/')
 
 
+# Binary flags whose folders must outlive the slice.
+OUTPUT_FLAGS = ('workdir', 'config.export_dir')
+
+
+def flag_value(flags_: tuple[str, ...], name: str) -> str | None:
+  """The last value of `--name=value` or `--name value` among the binary's flags (absl keeps the
+  last), None if absent."""
+  value = None
+  for i, f in enumerate(flags_):
+    if f.startswith(f'--{name}='):
+      value = f.split('=', 1)[1]
+    elif f == f'--{name}' and i + 1 < len(flags_):
+      value = flags_[i + 1]
+  return value
+
+
+def check_outputs_survive(cfg: Config) -> None:
+  """With --delete, outputs on a worker's disk would be deleted with it: they must be on GCS."""
+  if not (cfg.delete and cfg.binary):
+    return
+  workdir = flag_value(cfg.binary_flags, 'workdir')
+  if workdir is None:
+    raise app.UsageError('--delete deletes the TPU VMs and their disks: give the binary a '
+                         '--workdir=gs://bucket/path after -- so that its outputs survive')
+  for name in OUTPUT_FLAGS:
+    value = flag_value(cfg.binary_flags, name)
+    if value and not value.startswith('gs://'):
+      raise app.UsageError(f'--{name}={value} is not on Cloud Storage, and --delete deletes the '
+                           'TPU VMs with their disks: use gs://bucket/path, or drop --delete')
+
+
+def gcs_paths(cfg: Config) -> list[str]:
+  """The binary's gs:// arguments, named in the run step's note."""
+  return [f.split('=', 1)[1] if '=gs://' in f else f for f in cfg.binary_flags
+          if f.startswith('gs://') or '=gs://' in f]
+
+
 def config_from_flags(passed: tuple[str, ...]) -> Config:
   name, zone = _NAME.value or '', _ZONE.value or ''
   if not name:
@@ -211,13 +262,15 @@ def config_from_flags(passed: tuple[str, ...]) -> Config:
     raise app.UsageError('--dry_run after -- would go to the binary: put it before --')
   if passed and not _BINARY.value:
     raise app.UsageError(f'flags after -- ({shlex.join(passed)}) need a --binary to go to')
-  return Config(
+  cfg = Config(
       name=name, zone=zone, project=_PROJECT.value, accelerator_type=_ACCELERATOR.value,
       version=_VERSION.value, spot=_SPOT.value, reuse=_REUSE.value, create=_CREATE.value,
       copy=_COPY.value, install=_INSTALL.value, delete=_DELETE.value,
       delete_only=_DELETE_ONLY.value, binary=resolve_binary(_BINARY.value),
       binary_flags=tuple(passed), distributed=_DISTRIBUTED.value, env=parse_env(_ENV.value),
       tarball=os.path.join(tempfile.gettempdir(), f'diffgeo_jax-{name}.tar.gz'))
+  check_outputs_survive(cfg)
+  return cfg
 
 
 def tracked_files() -> list[str]:

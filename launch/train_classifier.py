@@ -4,19 +4,16 @@ r"""Train the digits evaluator: a small CNN digit classifier, colour-invariant.
       --workdir=/tmp/digits_classifier [--config.export_dir=diffgeo_jax/digits/classifier]
 
 Batches come from the train split in palette and random colours with light augmentation (see
-configs/digits/classifier.py); the batch of step i is a function of (seed, i, process) alone, so a
-resumed run is the run that never stopped. The loss is softmax cross-entropy. After training, the
-EMA weights are evaluated on the test split in every palette colour (and in random colours). Writes
-to --workdir: `config.json`, `checkpoints/` (orbax; a rerun resumes from the latest),
-`tensorboard/`, `classifier/` (the classifier folder: config.json, model.safetensors and
-results.json; also copied to `export_dir` when set) and `results.json`.
+configs/digits/classifier.py); the global batch of step i is a function of (seed, i) alone and
+each process feeds its rows of it, so a resumed run is the run that never stopped and N processes
+compute what one does. The loss is softmax cross-entropy. After training, the EMA weights are
+evaluated (on every process) on the test split in every palette colour (and in random colours).
+Writes to --workdir (local or gs://): `config.json`, `checkpoints/` (orbax; a rerun resumes from
+the latest), `tensorboard/`, `classifier/` (the classifier folder: config.json, model.safetensors
+and results.json, the metrics; also copied to `export_dir` when set) and `results.json`.
 """
 
 from __future__ import annotations
-
-import os
-import shlex
-import sys
 
 import jax
 import numpy as np
@@ -24,15 +21,14 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffgeo_jax import distributed, runs
 from diffgeo_jax.digits import classifier, dataset, metrics
-from diffgeo_jax.training import sharding, trainer
+from diffgeo_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None,
                                           'Training config (configs/digits/classifier.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 
 class Job:
@@ -54,17 +50,16 @@ class Job:
     return loss, {'accuracy': (logits.argmax(-1) == batch['digits']).mean()}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s batch: a function of (seed, step, process) alone."""
+    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
     c = self.config.train
-    rows = c.batch_size // jax.process_count()
-    rng = np.random.default_rng([c.seed, step, jax.process_index()])
-    idx = rng.integers(0, len(self.split), rows)
+    rng = np.random.default_rng([c.seed, step])
+    idx = rng.integers(0, len(self.split), c.batch_size)
     d = self.config.data
     images = classifier.augmented_images(
         rng, self.split.strokes[idx], random_colour_prob=d.random_colour_prob,
         min_brightness=d.min_brightness, max_shift=d.max_shift, max_noise_std=d.max_noise_std)
-    return {'images': images,
-            'digits': self.split.digits[idx].astype(np.int32)}
+    rows = distributed.process_rows(c.batch_size)
+    return {'images': images[rows], 'digits': self.split.digits[idx][rows].astype(np.int32)}
 
 
 def evaluate(scorer: metrics.Scorer, split_seed: int) -> dict:
@@ -93,23 +88,22 @@ def evaluate(scorer: metrics.Scorer, split_seed: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
   job = Job(config)
-  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn)
-  state, result = run.run()
-  if jax.process_index() != 0:
-    return
-  params = jax.device_get(state.ema_params)
-  scores = evaluate(metrics.Scorer(job.model, params, config.eval.batch_size),
-                    config.data.split_seed)
+  with run.timed('training'):
+    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
+                                    job.batch_fn).run()
+  params = distributed.to_host(state.ema_params)
+  with run.timed('evaluation'):
+    scores = evaluate(metrics.Scorer(job.model, params, config.eval.batch_size),
+                      config.data.split_seed)
   result = {**scores, 'training': result,
-            'parameters': int(sum(np.size(p) for p in jax.tree.leaves(params))),
-            'command': shlex.join(['python', *sys.argv]),
-            'jax': jax.__version__, 'backend': jax.default_backend()}
-  out = os.path.join(workdir, 'classifier')
-  classifier.save(out, params, job.model_config, result)
-  trainer.write_outputs(workdir, result, out, config.export_dir)
+            'parameters': int(sum(np.size(p) for p in jax.tree.leaves(params)))}
+  if run.is_main:
+    with run.folder('classifier', config.export_dir) as out:
+      classifier.save(out, params, job.model_config, result)  # results.json: the metrics
+  run.finish(result)
 
 
 if __name__ == '__main__':

@@ -5,22 +5,19 @@ r"""Train a masked (absorbing) discrete-diffusion denoiser: Countdown or the 8x8
     python launch/train_discrete.py --config=configs/discrete/digits.py --workdir=/tmp/discrete_digits
 
 The denoiser (`discrete.model.Transformer`) is trained on the continuous-time ELBO of
-`processes.Absorbing` with the log-linear schedule (`model.loss`); the batch of step i is a function
-of (seed, i, process) alone, so a resumed run is the run that never stopped. After training, the
-EMA weights are evaluated on a fixed held-out set (Countdown: seeded fresh sequences; digits: the
+`processes.Absorbing` with the log-linear schedule (`model.loss`); the global batch of step i is a
+function of (seed, i) alone and each process feeds its rows of it, so a resumed run is the run that
+never stopped and N processes compute what one does. After training, the EMA weights are evaluated
+(on every process) on a fixed held-out set (Countdown: seeded fresh sequences; digits: the
 test split): the ELBO in nats per token, the masked cross-entropy and the masked-token accuracy,
 each averaged over `eval.repeats` fixed noise draws. For Countdown the same noisy batches are also
 scored with the exact posterior (`data.countdown_posterior`): the Bayes limits. Writes to
---workdir: `config.json`, `checkpoints/` (orbax; a rerun resumes from the latest), `tensorboard/`,
-`model/` (the model folder: config.json, model.safetensors, results.json; also copied to
-`export_dir` when set) and `results.json`.
+--workdir (local or gs://): `config.json`, `checkpoints/` (orbax; a rerun resumes from the latest),
+`tensorboard/`, `model/` (the model folder: config.json, model.safetensors, results.json with the
+metrics; also copied to `export_dir` when set) and `results.json`.
 """
 
 from __future__ import annotations
-
-import os
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +25,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffgeo_jax import distributed, runs
 from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
-from diffgeo_jax.training import sharding, trainer
+from diffgeo_jax.training import trainer
 
 _FLAGS = {}  # defined when run as a binary only: tests import Job/evaluate next to other launchers
 
@@ -41,8 +39,6 @@ def _define_flags():
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
                                           'Output folder (resumes from its checkpoints).',
                                           required=True)
-  _FLAGS['jax_distributed'] = flags.DEFINE_bool(
-      'jax_distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 DATASETS = ('countdown', 'digits')
 # The held-out Countdown set is drawn from (eval.seed, HELDOUT_STEP, 0): a step no run reaches, so
@@ -77,15 +73,14 @@ class Job:
                           self.config.process.t_min)
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s batch: a function of (seed, step, process) alone."""
+    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
     c, d = self.config.train, self.config.data
-    rows = c.batch_size // jax.process_count()
-    rng = np.random.default_rng([c.seed, step, jax.process_index()])
+    rng = np.random.default_rng([c.seed, step])
     if d.name == 'countdown':
-      tokens = data.countdown(rng, rows, d.length, d.vocab_size)
+      tokens = data.countdown(rng, c.batch_size, d.length, d.vocab_size)
     else:
-      tokens = self.train_tokens[rng.integers(0, len(self.train_tokens), rows)]
-    return {'tokens': tokens}
+      tokens = self.train_tokens[rng.integers(0, len(self.train_tokens), c.batch_size)]
+    return {'tokens': tokens[distributed.process_rows(c.batch_size)]}
 
   def heldout_tokens(self) -> np.ndarray:
     """The fixed held-out set: seeded fresh Countdown sequences, or the digits test split."""
@@ -137,32 +132,31 @@ def evaluate(model, params, tokens, process, t_min: float, seed: int, repeats: i
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_FLAGS['jax_distributed'].value)
-  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
+  config = _FLAGS['config'].value
+  run = runs.start(config, _FLAGS['workdir'].value, config_file=None)  # the Trainer writes it
   job = Job(config)
-  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn)
-  state, result = run.run()
-  if jax.process_index() != 0:
-    return
-  params = jax.device_get(state.ema_params)
+  with run.timed('training'):
+    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
+                                    job.batch_fn).run()
+  params = distributed.to_host(state.ema_params)
   e, d = config.eval, config.data
   is_countdown = d.name == 'countdown'
-  heldout = evaluate(job.model, params, job.heldout_tokens(), job.process, config.process.t_min,
-                     e.seed, e.repeats, bayes=is_countdown)
-  result = {'data': d.name, 'heldout': heldout, 'training': result,
-            'parameters': model_lib.num_parameters(params),
-            'process': {'name': 'absorbing', 'schedule': 'loglinear', 'eps': config.process.eps,
-                        't_min': config.process.t_min},
-            'command': shlex.join(['python', *sys.argv]),
-            'jax': jax.__version__, 'backend': jax.default_backend()}
-  if is_countdown:
-    result['entropy_per_token'] = data.countdown_entropy(d.length, d.vocab_size) / d.length
-  else:
-    result['train'] = evaluate(job.model, params, job.train_tokens, job.process,
-                               config.process.t_min, e.seed, e.repeats)
-  out = os.path.join(workdir, 'model')
-  model_lib.save(out, params, job.model_config, result)
-  trainer.write_outputs(workdir, result, out, config.export_dir)
+  with run.timed('evaluation'):
+    heldout = evaluate(job.model, params, job.heldout_tokens(), job.process,
+                       config.process.t_min, e.seed, e.repeats, bayes=is_countdown)
+    result = {'data': d.name, 'heldout': heldout, 'training': result,
+              'parameters': model_lib.num_parameters(params),
+              'process': {'name': 'absorbing', 'schedule': 'loglinear', 'eps': config.process.eps,
+                          't_min': config.process.t_min}}
+    if is_countdown:
+      result['entropy_per_token'] = data.countdown_entropy(d.length, d.vocab_size) / d.length
+    else:
+      result['train'] = evaluate(job.model, params, job.train_tokens, job.process,
+                                 config.process.t_min, e.seed, e.repeats)
+  if run.is_main:
+    with run.folder('model', config.export_dir) as out:
+      model_lib.save(out, params, job.model_config, result)  # results.json: the metrics
+  run.finish(result)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ preference optimisation on (unsafe, safe) image pairs.
 
     python launch/train_duo.py --config=configs/duo/digits.py --workdir=/tmp/duo_digits
     python launch/train_duo.py --config=configs/duo/sd14.py --config.pipeline_dir=/ckpt/sd-v1-4 \
-      --workdir=/data/duo_sd14 --jax_distributed   # a TPU pod
+      --workdir=gs://bucket/duo_sd14 --jax_distributed   # a TPU pod (launch/tpu_pod.py)
 
 Steps (the official `naver-ai/DUO` pipeline):
 1. Pairs. Unsafe images: the pipeline samples `data.prompts` (in turn) and the detector keeps
@@ -12,7 +12,9 @@ Steps (the official `naver-ai/DUO` pipeline):
    prompt, kept when the detector no longer sees the concept. The detector is the digits
    classifier (`detector='digits'`), or none (`'none'`, no gating, as the official violence
    data; NudeNet is not available in JAX). Cached in `workdir/pairs.npz` (a resumed run reuses
-   them). A latent pipeline (SD) trains on one VAE posterior sample per image.
+   them). A latent pipeline (SD) trains on one VAE posterior sample per image. Multi-host: every
+   process runs the same sampling calls (each batch sharded over all devices, the images returned
+   to every process) and takes process 0's detector verdicts, so all hold the same pairs.
 2. Training: `losses.duo_loss` on the LoRA factors (the base UNet is the frozen reference, passed to
    the step, sharded by the same rules: `mesh.model` > 1 shards parameters FSDP-style over the
    `model` axis), one jit-compiled step with shardings over the mesh, orbax checkpoints with resume
@@ -30,16 +32,17 @@ Steps (the official `naver-ai/DUO` pipeline):
    unlearned samples of the other digits. `launch/evaluate_unlearning.py` adds the embedding attack
    and the Frechet distance.
 
-Writes to --workdir: `config.json`, `pairs.npz`, `checkpoints/`, `tensorboard/`, `lora/`
-(`pytorch_lora_weights.safetensors`, loadable by diffusers) and `results.json`.
+Writes to --workdir (local or gs://): `config.json`, `pairs.npz`, `checkpoints/`, `tensorboard/`,
+`lora/` (`pytorch_lora_weights.safetensors`, loadable by diffusers) and `results.json` (metrics:
+the evaluation, `training`, the derived `learning_rate` and `prior_weight`, `pairs`,
+`lora_parameters`). Multi-host: the global batch of a step is a function of (seed, step) and each
+process feeds its rows of it, so N processes train the LoRA one process would; every process runs
+the evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, distributed, models, paths, runs
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset, metrics
 from diffgeo_jax.training import embedding_attack, lora, losses, sharding, trainer
@@ -55,8 +58,6 @@ from diffgeo_jax.training import embedding_attack, lora, losses, sharding, train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 
 CONDITIONS = ('empty', 'prompt', 'mixed')  # duo.condition: the text conditioning of every branch
@@ -83,17 +84,21 @@ class Detector:
         raise ValueError(f'data.concept must be a digit word {dataset.DIGIT_WORDS} for the digits '
                          f'detector, got {config.data.concept!r}')
       self.concept = dataset.DIGIT_WORDS.index(config.data.concept)
-      self.scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+      folder = config.classifier_dir or digits.classifier_dir()
+      self.scorer = metrics.Scorer.load(paths.local_folder(folder, 'classifier_dir'))
 
   def shows_concept(self, images) -> np.ndarray | None:
-    """(N,) booleans for images in [0, 1]; None without a detector."""
+    """(N,) booleans for images in [0, 1], process 0's verdicts on every process (a decision
+    that steers resampling: rule 4 of `distributed`); None without a detector."""
     if self.scorer is None:
       return None
-    return self.scorer.predict(np.asarray(images) * 2 - 1) == self.concept
+    hit = self.scorer.predict(np.asarray(images) * 2 - 1) == self.concept
+    return distributed.same_on_all_hosts(hit.astype(np.int32)).astype(bool)
 
 
 def make_pairs(pipe, detector: Detector, config, key) -> dict[str, np.ndarray]:
-  """(unsafe, safe) image pairs in [0, 1], each side gated by the detector; see the module doc."""
+  """(unsafe, safe) image pairs in [0, 1], each side gated by the detector; see the module doc.
+  Call it on every process: the same sampling calls run everywhere and return the same pairs."""
   d = config.data
   prompts, safe_texts = cycled(d.prompts, d.num_pairs), cycled(d.safe_prompts, d.num_pairs)
   h, w = pipeline.default_image_size(pipe) if not d.image_size else (d.image_size,) * 2
@@ -151,7 +156,8 @@ def make_retain(pipe, config, key) -> dict[str, np.ndarray]:
 
 
 def _batched(generate, idx: np.ndarray, key: jax.Array, batch: int) -> np.ndarray:
-  """generate(indices, key) over `idx` in slices of at most `batch` (0 = all at once)."""
+  """generate(indices, key) over `idx` in slices of at most `batch` (0 = all at once). `generate`
+  returns arrays replicated on every device (the pipeline's), so numpy reads them anywhere."""
   batch = batch or len(idx)
   return np.concatenate([np.asarray(generate(idx[i:i + batch], jax.random.fold_in(key, i)))
                          for i in range(0, len(idx), batch)])
@@ -160,26 +166,24 @@ def _batched(generate, idx: np.ndarray, key: jax.Array, batch: int) -> np.ndarra
 class Job:
   """The frozen base model, the pairs and the DUO loss of one config."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, run: runs.Run):
     self.config = config
     if config.duo.condition not in CONDITIONS:  # (before minutes of pair generation)
       raise ValueError(f'duo.condition must be one of {CONDITIONS}, got {config.duo.condition!r}')
     self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
     self.detector = Detector(config)
-    path = os.path.join(workdir, 'pairs.npz')
-    if os.path.exists(path):
-      pairs = dict(np.load(path))
+    path = run.path('pairs.npz')
+    # Reused only when every process can read it, so that all take the same branch.
+    if distributed.exists_on_every_host(path):
+      pairs = paths.load_npz(path)
       logging.info('reusing the %d pairs in %s', len(pairs['unsafe']), path)
     else:
       pairs = make_pairs(self.pipe, self.detector, config, jax.random.key(config.data.seed))
-      if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        np.savez(path, **pairs)
+      run.save_npz('pairs.npz', **pairs)
     if config.duo.retain_weight > 0 and 'retain' not in pairs:
       pairs.update(make_retain(self.pipe, config, jax.random.key(config.data.seed + 2)))
-      if jax.process_index() == 0:
-        np.savez(path, **pairs)
+      run.save_npz('pairs.npz', **pairs)
     self.pairs = pairs
     # The UNet's inputs, once: 2x - 1 in pixel space; for a latent pipeline one sample of the VAE
     # posterior per image (the official code draws a new one every step).
@@ -228,10 +232,10 @@ class Job:
                            t_max=c.t_max, retain_weight=c.retain_weight)
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`: a function of (seed, step, process) alone."""
+    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
     c = self.config.train
-    rows = c.batch_size // jax.process_count()
-    rng = np.random.default_rng([c.seed, step, jax.process_index()])
+    rows = c.batch_size  # the global batch; this process feeds `distributed.process_rows` of it
+    rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.pairs['unsafe']), rows)
     condition = self.config.duo.condition
     prompted = (np.ones(rows, bool) if condition == 'prompt' else
@@ -247,12 +251,14 @@ class Job:
     if self.config.duo.retain_weight > 0:
       r = rng.integers(0, len(self.x_retain), rows)
       batch.update(retain=self.x_retain[r], retain_context=self.retain_context[r])
-    return batch
+    mine = distributed.process_rows(rows)
+    return {k: v[mine] for k, v in batch.items()}
 
 
 def evaluate(job: Job, unet_params, config) -> dict:
   """Base vs unlearned from the same noise: defence success rate on the concept's prompts, the
-  other digits' accuracy, and the mean absolute difference of their samples."""
+  other digits' accuracy, and the mean absolute difference of their samples. Every process runs
+  it (the sampling is sharded over all devices) and gets the same numbers."""
   e, scorer, concept = config.eval, job.detector.scorer, job.detector.concept
   others = [d for d in range(10) if d != concept]
   colours = dataset.COLOURS
@@ -278,36 +284,35 @@ def evaluate(job: Job, unet_params, config) -> dict:
   return out
 
 
-def adversarial_rounds(job: Job, run: trainer.Trainer, workdir: str):
+def adversarial_rounds(job: Job, train: trainer.Trainer, run: runs.Run):
   """Training in rounds of `duo.adversarial.every` steps; after each, the learned-embedding attack
   (`training.embedding_attack`, from the concept word's own row) against the current LoRA, and
   the prompted branches go on under the clean or any attacked embedding so far. The rows are
-  kept in `workdir/adversarial_rows.npz` (a resumed run reuses them)."""
+  kept in `workdir/adversarial_rows.npz` (a resumed run reuses them). Multi-host: every process
+  runs the (unsharded) attack and takes process 0's row, so all batches agree."""
   a, c = job.config.duo.adversarial, job.config.train
-  if jax.process_count() > 1:
-    raise NotImplementedError('duo.adversarial runs the attack on one process; multi-host runs '
-                              'are not supported')
   if job.config.duo.condition == 'empty':
     raise ValueError("duo.adversarial needs prompted branches: duo.condition 'prompt' or 'mixed'")
-  path = os.path.join(workdir, 'adversarial_rows.npz')
-  rows = dict(np.load(path)) if os.path.exists(path) else {}
+  path = run.path('adversarial_rows.npz')
+  rows = (paths.load_npz(path) if distributed.exists_on_every_host(path)
+          else {})
   for r in sorted(rows, key=int):
     job.add_adversarial_row(rows[r])
   token = embedding_attack.concept_token(job.pipe, job.config.data.concept)
   for end in range(a.every, c.num_steps, a.every):
-    state, _ = run.run(until=end)
+    state, _ = train.run(until=end)
     if str(end) in rows:
       continue
-    unet = lora.merge(job.pipe.unet_params, jax.device_get(state.params))
+    unet = lora.merge(job.pipe.unet_params, distributed.to_host(state.params))
     row, log = embedding_attack.learn_embedding(
         job.pipe, unet, job.pairs['unsafe'], job.pairs['prompts'], token,
         jax.random.key(c.seed + end), steps=a.steps, learning_rate=a.learning_rate,
         batch_size=a.batch_size)
     logging.info('adversarial round at step %d: %s', end, log)
-    rows[str(end)] = np.asarray(row)
+    rows[str(end)] = distributed.same_on_all_hosts(np.asarray(row))
     job.add_adversarial_row(rows[str(end)])
-    np.savez(path, **rows)
-  return run.run()
+    run.save_npz('adversarial_rows.npz', **rows)
+  return train.run()
 
 
 def rules_of(config) -> tuple:
@@ -320,32 +325,30 @@ def rules_of(config) -> tuple:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  job = Job(config, workdir)
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  with run.timed('pairs'):
+    job = Job(config, run)
   config.train.learning_rate = job.learning_rate  # coupled to beta (official scripts)
   mesh = sharding.make_mesh(model=config.mesh.model)
-  rules = rules_of(config)
-  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn, mesh=mesh,
-                        rules=rules, frozen=job.pipe.unet_params)
-  if config.duo.adversarial.every > 0:
-    state, result = adversarial_rounds(job, run, workdir)
-  else:
-    state, result = run.run()
-  if jax.process_index() != 0:
-    return
-  lp = jax.device_get(state.params)  # the official code uses the raw LoRA (no EMA)
-  lora.save(os.path.join(workdir, 'lora'), lp)
+  train = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn, job.batch_fn, mesh=mesh,
+                          rules=rules_of(config), frozen=job.pipe.unet_params)
+  with run.timed('training'):
+    if config.duo.adversarial.every > 0:
+      state, result = adversarial_rounds(job, train, run)
+    else:
+      state, result = train.run()
+  lp = distributed.to_host(state.params)  # the official code uses the raw LoRA (no EMA)
+  if run.is_main:
+    with run.folder('lora') as out:
+      lora.save(out, lp)
   scores = {}
   if job.detector.scorer is not None:  # the evaluation is the digits world's
-    scores = evaluate(job, lora.merge(job.pipe.unet_params, lp), config)
-  result = {**scores, 'training': result, 'beta': config.duo.beta,
-            'learning_rate': job.learning_rate, 'prior_weight': job.prior_weight,
-            'pairs': int(len(job.pairs['unsafe'])),
-            'lora_parameters': int(sum(np.size(x) for x in jax.tree.leaves(lp))),
-            'command': shlex.join(['python', *sys.argv]),
-            'jax': jax.__version__, 'backend': jax.default_backend()}
-  trainer.write_outputs(workdir, result)
+    with run.timed('evaluation'):
+      scores = evaluate(job, lora.merge(job.pipe.unet_params, lp), config)
+  run.finish({**scores, 'training': result, 'learning_rate': job.learning_rate,
+              'prior_weight': job.prior_weight, 'pairs': int(len(job.pairs['unsafe'])),
+              'lora_parameters': int(sum(np.size(x) for x in jax.tree.leaves(lp)))})
 
 
 if __name__ == '__main__':

@@ -14,24 +14,26 @@ Steps (as diffusers' `examples/dreambooth/train_dreambooth_lora.py`):
    drawn it).
 2. Prior preservation (`prior.weight` > 0): the base model's own samples of `prior.class_prompts`
    (in turn, `prior.num_images`), cached in `workdir/class_images.npz`; the loss adds
-   `prior.weight` times their denoising error.
+   `prior.weight` times their denoising error. Every process samples them (the pipeline shards
+   the batch over all devices and returns it to each), so all hold the same set.
 3. Training: the denoising loss ||eps - eps_theta(x_t, t, c)||^2 at t ~ U[0, T) on the LoRA
    factors only (the base UNet is the frozen argument of the step), AdamW, orbax checkpoints with
    resume (`training.trainer.Trainer`). `decor.train_strength` > 0 projects the instance prompt's
    embeddings away from `decor.undesired`'s row space (top `decor.rank`) before the UNet sees them
    (DECOR at fine-tuning; the class prompts are not projected).
 
-Writes to --workdir: `config.json`, `references.png`, `checkpoints/`, `tensorboard/`, `lora/`
-(`pytorch_lora_weights.safetensors`, loadable by diffusers) and `results.json`. The digits
+Writes to --workdir (local or gs://): `config.json`, `references.png`, `checkpoints/`,
+`tensorboard/`, `lora/` (`pytorch_lora_weights.safetensors`, loadable by diffusers) and
+`results.json`. `data.images` and `pipeline_dir` may be on gs:// too. Multi-host: every process
+builds the same global batch of a step from (seed, step) and feeds its own rows of it, so N
+processes train the LoRA one process would. The digits
 experiment's evaluation (content leakage vs colour, DECOR at sampling time) is
 `launch/evaluate_customization.py` with the same config and workdir.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import sys
+import io
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +42,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from diffgeo_jax import digits, images as images_lib, models
+from diffgeo_jax import digits, distributed, images as images_lib, models, paths, runs
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset
 from diffgeo_jax.text import decor
-from diffgeo_jax.training import lora, losses, sharding, trainer
+from diffgeo_jax.training import lora, losses, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/decor/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
                                required=True)
-_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
@@ -72,18 +72,21 @@ def digits_references(d) -> np.ndarray:
 
 
 def read_images(path: str) -> np.ndarray:
-  """(N, H, W, 3) float32 in [0, 1] from a .npz (`images`, in [0, 1]) or a folder of images."""
+  """(N, H, W, 3) float32 in [0, 1] from a .npz (`images`, in [0, 1]) or a folder of images,
+  local or on gs://."""
+  folder = paths.resolve(path, 'data.images')
   if path.endswith('.npz'):
-    with np.load(path) as f:
-      if 'images' not in f:
-        raise ValueError(f'{path} has no array "images" (its arrays: {sorted(f.files)})')
-      x = np.asarray(f['images'], np.float32)
-  elif os.path.isdir(path):
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
-    if not names:
+    arrays = paths.load_npz(folder)
+    if 'images' not in arrays:
+      raise ValueError(f'{path} has no array "images" (its arrays: {sorted(arrays)})')
+    x = np.asarray(arrays['images'], np.float32)
+  elif folder.is_dir():
+    files = sorted((f for f in folder.iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES)),
+                   key=lambda f: f.name)
+    if not files:
       raise ValueError(f'{path} holds no {"/".join(IMAGE_SUFFIXES)} files')
-    x = [np.asarray(Image.open(os.path.join(path, n)).convert('RGB'), np.float32) / 255
-         for n in names]
+    x = [np.asarray(Image.open(io.BytesIO(f.read_bytes())).convert('RGB'), np.float32) / 255
+         for f in files]
     sizes = sorted({a.shape for a in x})
     if len(sizes) > 1:
       raise ValueError(f'the images in {path} have different sizes {sizes}; give them one size')
@@ -117,11 +120,15 @@ def cycled(prompts, n: int) -> list[str]:
   return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def class_images(pipe, config, workdir: str) -> dict[str, np.ndarray]:
-  """The base model's samples of the class prompts (prior preservation), cached in the workdir."""
-  path = os.path.join(workdir, 'class_images.npz')
-  if os.path.exists(path):
-    return dict(np.load(path))
+def class_images(pipe, config, run: runs.Run | None) -> dict[str, np.ndarray]:
+  """The base model's samples of the class prompts (prior preservation), cached in the run's
+  workdir (`run` None: not cached). Every process samples the same batches (the pipeline returns
+  them to each) and reuses the cache only when every process can read it."""
+  cached = run is not None and distributed.exists_on_every_host(
+      run.path('class_images.npz'))
+  if cached:
+    logging.info('reusing the class images in %s', run.path('class_images.npz'))
+    return paths.load_npz(run.path('class_images.npz'))
   p = config.prior
   if p.num_images < 1:
     raise ValueError(f'prior.weight > 0 needs prior.num_images >= 1, got {p.num_images}')
@@ -132,9 +139,8 @@ def class_images(pipe, config, workdir: str) -> dict[str, np.ndarray]:
       pipe, prompts[i:i + batch], jax.random.fold_in(key, i), num_steps=p.num_steps,
       guidance_scale=p.guidance_scale)) for i in range(0, len(prompts), batch)])
   out = {'images': imgs.astype(np.float32), 'prompts': np.array(prompts)}
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    np.savez(path, **out)
+  if run is not None:
+    run.save_npz('class_images.npz', **out)
   return out
 
 
@@ -152,7 +158,7 @@ def instance_context(pipe, config) -> np.ndarray:
 class Job:
   """The frozen base model, the encoded references (and class images) and the loss."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, run: runs.Run | None = None):
     self.config = config
     self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
@@ -163,7 +169,7 @@ class Job:
     self.c_instance = instance_context(self.pipe, config)[0]
     self.prior = config.prior.weight > 0
     if self.prior:
-      cls = class_images(self.pipe, config, workdir)
+      cls = class_images(self.pipe, config, run)
       self.x_class = np.asarray(pipeline.encode_images(self.pipe, cls['images'],
                                                        jax.random.fold_in(key, 1)))
       self.c_class = np.asarray(pipeline.encode_prompts(self.pipe,
@@ -193,11 +199,11 @@ class Job:
     return loss, {'loss': loss, **metrics}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`: instance rows (and as many class rows with prior
-    preservation), a function of (seed, step, process) alone."""
+    """This process's rows of step `step`'s global batch: instance rows (and as many class rows
+    with prior preservation), a function of (seed, step) alone."""
     c = self.config.train
-    rows = c.batch_size // jax.process_count()
-    rng = np.random.default_rng([c.seed, step, jax.process_index()])
+    rows = c.batch_size  # the global batch; this process feeds `distributed.process_rows` of it
+    rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.x_instance), rows)
     x = self.x_instance[idx]
     ctx = np.broadcast_to(self.c_instance, (rows,) + self.c_instance.shape)
@@ -208,38 +214,33 @@ class Job:
       x = np.concatenate([x[:rows - n_cls], self.x_class[j]])
       ctx = np.concatenate([ctx[:rows - n_cls], self.c_class[j]])
       instance = np.concatenate([instance[:rows - n_cls], np.zeros(n_cls, np.float32)])
-    return {'x': x.astype(np.float32), 'context': np.ascontiguousarray(ctx, np.float32),
-            'instance': instance}
+    mine = distributed.process_rows(rows)
+    return {'x': x[mine].astype(np.float32),
+            'context': np.ascontiguousarray(ctx[mine], np.float32), 'instance': instance[mine]}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  sharding.initialize_distributed(_DISTRIBUTED.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
   if config.prior.weight > 0 and config.train.batch_size < 2:
     raise ValueError('prior preservation needs train.batch_size >= 2 (half instance, half class)')
-  job = Job(config, workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    n = len(job.references)
-    images_lib.grid(job.references, 1, n, scale=max(1, 64 // job.references.shape[1])).save(
-        os.path.join(workdir, 'references.png'))
-  run = trainer.Trainer(config, workdir, job.init_fn, job.loss_fn, job.batch_fn,
-                        mesh=sharding.make_mesh(), frozen=job.pipe.unet_params)
-  state, result = run.run()
-  if jax.process_index() != 0:
-    return
-  lp = jax.device_get(state.params)
-  lora.save(os.path.join(workdir, 'lora'), lp)
-  result = {'training': result, 'references': int(len(job.references)),
-            'instance_prompt': config.data.instance_prompt,
-            'prior_images': int(len(job.x_class)) if job.prior else 0,
-            'lora_parameters': int(sum(np.size(x) for x in jax.tree.leaves(lp))),
-            'command': shlex.join(['python', *sys.argv]),
-            'jax': jax.__version__, 'backend': jax.default_backend()}
-  trainer.write_outputs(workdir, result)
-  logging.info('LoRA in %s', os.path.join(workdir, 'lora'))
+  with run.timed('data'):
+    job = Job(config, run)
+  n = len(job.references)
+  run.save_image('references.png', images_lib.grid(
+      job.references, 1, n, scale=max(1, 64 // job.references.shape[1])))
+  with run.timed('training'):
+    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn, job.batch_fn,
+                                    frozen=job.pipe.unet_params).run()
+  lp = distributed.to_host(state.params)
+  if run.is_main:
+    with run.folder('lora') as out:
+      lora.save(out, lp)
+  run.finish({'training': result, 'references': n,
+              'prior_images': int(len(job.x_class)) if job.prior else 0,
+              'lora_parameters': int(sum(np.size(x) for x in jax.tree.leaves(lp)))})
 
 
 if __name__ == '__main__':

@@ -13,17 +13,18 @@ to the model's resolution, with the digits classifier:
 * no_time, no_power   guided without the time adjustment (tau = t) or the power adjustment
            (P_t = 1): the paper's ablations.
 
-Writes to --workdir: `config.json`; `results.json` (per variant: digit, colour and joint accuracy
-of the downsampled samples, the mean absolute difference of D(sample) to the native sample from
-the same noise, seconds of its one jitted call including compilation); `comparison.png` (rows: prompts; columns: the variants, native ones
-enlarged by pixel repetition); `accuracy.png` (bar chart); `samples.npz`.
+Writes to --workdir (a local folder or gs://bucket/path): `config.json`; `results.json` (metrics,
+per variant: digit, colour and joint accuracy of the downsampled samples, the mean absolute
+difference of D(sample) to the native sample from the same noise, seconds of its one jitted call
+including compilation); `comparison.png` (rows: prompts; columns: the variants, native ones
+enlarged by pixel repetition); `accuracy.png` (bar chart); `samples.npz`. Multi-host
+(--jax_distributed): every process samples the same batches, each sharded over every device
+(`pipeline.text_to_image`), and scores the gathered images; process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
@@ -32,13 +33,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, models
+from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import chromatography, guidance, pipeline
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/upsample/*.py')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (local or gs://).', required=True)
 
 VARIANTS = ('native', 'plain', 'guided', 'no_time', 'no_power')
 
@@ -84,7 +85,8 @@ def sample(pipe, config, name: str, texts, noise_high) -> tuple[np.ndarray, floa
   return images, time.perf_counter() - start
 
 
-def plot_accuracy(results: dict, path: str) -> None:
+def plot_accuracy(results: dict):
+  """Bar chart of each variant's digit and colour accuracy (a matplotlib Figure)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   names = list(results)
@@ -102,25 +104,25 @@ def plot_accuracy(results: dict, path: str) -> None:
   ax.legend(loc='upper center', ncol=2)
   ax.set_title('digits model (16x16) sampled at 32x32')
   fig.tight_layout()
-  fig.savefig(path)
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+  config = _CONFIG.value
+  run = runs.start(config, _WORKDIR.value)
   names = list(config.variants)
   for n in names:
     variant_guidance(n, config)  # unknown names fail before any sampling
   texts, want_digits, want_colours = prompts_of(config)
-  pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+  with run.timed('load'):
+    pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+    scorer = metrics.Scorer.load(paths.local_folder(
+        config.classifier_dir or digits.classifier_dir(), 'config.classifier_dir'))
   if pipe.vae is not None:
     raise ValueError('launch/upsample.py scores with the digits classifier: it needs a pixel-space '
                      'digits pipeline (config.pipeline_dir)')
-  scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
   m = int(config.factor)
   h, w = pipeline.default_image_size(pipe)
   noise_high = jax.random.normal(jax.random.key(config.seed),
@@ -129,7 +131,8 @@ def main(argv):
   images, results = {}, {}
   for name in names:
     logging.info('sampling %s: %d images', name, len(texts))
-    images[name], seconds = sample(pipe, config, name, texts, noise_high)
+    with run.timed(f'sampling_{name}'):
+      images[name], seconds = sample(pipe, config, name, texts, noise_high)
     low = images[name] if name == 'native' else np.asarray(
         chromatography.avg_pool(jnp.asarray(images[name]), m))
     x = low * 2.0 - 1.0  # the classifier reads [-1, 1]
@@ -154,18 +157,13 @@ def main(argv):
   cols = [images[n][rows] if n != 'native' else
           np.asarray(chromatography.nearest_upsample(jnp.asarray(images[n][rows]), m))
           for n in names]
-  grid(np.stack(cols, 1).reshape(-1, *cols[0].shape[1:]), len(rows), len(names),
-       config.grid_scale).save(os.path.join(workdir, 'comparison.png'))
-  plot_accuracy(results, os.path.join(workdir, 'accuracy.png'))
-  np.savez(os.path.join(workdir, 'samples.npz'), prompts=np.array(texts), **images)
-  out = {'variants': results, 'num_images_per_variant': len(texts),
-         'resolution': [h * m, w * m], 'model_resolution': [h, w],
-         'settings': {k: config[k] for k in ('factor', 'sampler', 'num_steps', 'guidance_scale',
-                                             'weight', 'eta', 'order', 'seed')},
-         'grid_rows': [texts[r] for r in rows], 'grid_columns': names}
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  logging.info('wrote %s', workdir)
+  run.save_image('comparison.png', grid(np.stack(cols, 1).reshape(-1, *cols[0].shape[1:]),
+                                        len(rows), len(names), config.grid_scale))
+  run.save_figure('accuracy.png', plot_accuracy(results))
+  run.save_npz('samples.npz', prompts=np.array(texts), **images)
+  run.finish({'variants': results, 'num_images_per_variant': len(texts),
+              'resolution': [h * m, w * m], 'model_resolution': [h, w],
+              'grid_rows': [texts[r] for r in rows], 'grid_columns': names})
 
 
 if __name__ == '__main__':

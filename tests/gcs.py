@@ -46,6 +46,15 @@ while True:
 '''
 
 
+def _forget_clients() -> None:
+  """Drops the gcsfs clients that epath and fsspec cached: they hold the endpoint they were made
+  with, and the next emulator listens on another port."""
+  import fsspec  # noqa: PLC0415
+  from etils.epath import backend  # noqa: PLC0415
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  fsspec.get_filesystem_class('gs').clear_instance_cache()
+
+
 class Emulator:
   """The emulator in a subprocess (so its HTTP threads never compete with the test's GIL)."""
 
@@ -74,7 +83,9 @@ class Emulator:
         if time.time() > deadline:
           raise
         time.sleep(0.1)
-    os.environ.update(self.env({}))  # this process's gcsfs clients too
+    self._saved_env = {k: os.environ.get(k) for k in self.env({})}
+    os.environ.update(self.env({}))  # this process's gcsfs clients too (until stop)
+    _forget_clients()
     for bucket in self.buckets:
       self.fs().mkdir(bucket)
     return self
@@ -90,6 +101,13 @@ class Emulator:
     return sorted(p[len(prefix) + 1:] for p in self.fs().find(prefix))
 
   def stop(self) -> None:
+    for k, v in getattr(self, '_saved_env', {}).items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    self._saved_env = {}
+    _forget_clients()
     if self._proc is not None:
       self._proc.kill()
       self._proc.wait()

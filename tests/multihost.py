@@ -4,9 +4,8 @@
     assert all(p.returncode == 0 for p in procs), multihost.report(procs)
 
 Each process gets `--jax_distributed` and the coordinator's address, the process count and its
-index as flags (the binaries' `runs` flags; `flags=False` leaves them out, for scripts, which read
-the same values from the environment: DIFFGEO_TEST_COORDINATOR, DIFFGEO_TEST_NUM_PROCESSES,
-DIFFGEO_TEST_PROCESS_ID), its own `devices_per_process` CPU devices, and one shared deadline: a
+index as flags (the binaries' `runs` flags; `flags=False` leaves them out: a plain run, for the
+one-process reference), its own `devices_per_process` CPU devices, and one shared deadline: a
 process still running at `timeout` seconds is killed and the test fails with every process's
 output, so a hang in a collective fails the test instead of CI.
 """
@@ -18,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -39,6 +39,7 @@ class Process:
   seconds: float
   timed_out: bool = False
   killed: bool = False  # by the test's `kill`
+  killed_at: float | None = None  # seconds after the start at which the test killed a process
 
   def tail(self, chars: int = 4000) -> str:
     # XLA/gloo start-up chatter is long and says nothing about a failure.
@@ -65,24 +66,23 @@ def launch(argv: Sequence[str], num_processes: int, *, devices_per_process: int 
   base = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',
           **(env or {})}
-  log_dir = log_dir or os.path.join(os.environ.get('TMPDIR', '/tmp'), f'multihost_{port}')
+  log_dir = log_dir or tempfile.mkdtemp(prefix='multihost_')
   os.makedirs(log_dir, exist_ok=True)
   running = []
   for i in range(num_processes):
-    extra = [f'--jax_distributed', f'--jax_coordinator_address=127.0.0.1:{port}',
+    extra = ['--jax_distributed', f'--jax_coordinator_address=127.0.0.1:{port}',
              f'--jax_num_processes={num_processes}', f'--jax_process_id={i}',
              f'--jax_heartbeat_timeout_s={heartbeat_timeout_s}'] if flags else []
     full = [*argv, *(argv_for(i) if argv_for else ()), *extra]
-    env_i = {**base, 'DIFFGEO_TEST_COORDINATOR': f'127.0.0.1:{port}',
-             'DIFFGEO_TEST_NUM_PROCESSES': str(num_processes), 'DIFFGEO_TEST_PROCESS_ID': str(i)}
     log = open(os.path.join(log_dir, f'process_{i}.log'), 'w+')
-    proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env_i, cwd=ROOT,
+    proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=base, cwd=ROOT,
                             start_new_session=True)
     running.append((i, full, proc, log))
   start = time.time()
   deadline = start + timeout
   ended: dict[int, float] = {}
   killed, timed_out = set(), set()
+  killed_at = None
   while len(ended) < num_processes:
     now = time.time()
     for i, _, proc, _ in running:
@@ -91,6 +91,7 @@ def launch(argv: Sequence[str], num_processes: int, *, devices_per_process: int 
     if kill is not None and kill[0] not in killed and kill[0] not in ended and kill[1]():
       os.killpg(running[kill[0]][2].pid, signal.SIGKILL)
       killed.add(kill[0])
+      killed_at = now - start
     if now > deadline:
       for i, _, proc, _ in running:
         if i not in ended:
@@ -103,15 +104,8 @@ def launch(argv: Sequence[str], num_processes: int, *, devices_per_process: int 
   out = []
   for i, full, proc, log in running:
     log.seek(0)
-    out.append(Process(i, full, proc.wait(), log.read(), ended[i], i in timed_out, i in killed))
+    out.append(Process(i, full, proc.wait(), log.read(), ended[i], i in timed_out, i in killed,
+                       killed_at))
     log.close()
   return out
 
-
-def distributed_from_env() -> None:
-  """For scripts launched with `flags=False`: `jax.distributed.initialize` from the harness's
-  environment variables (call it before any other JAX call)."""
-  from diffgeo_jax import distributed  # noqa: PLC0415
-  distributed.initialize(os.environ['DIFFGEO_TEST_COORDINATOR'],
-                         int(os.environ['DIFFGEO_TEST_NUM_PROCESSES']),
-                         int(os.environ['DIFFGEO_TEST_PROCESS_ID']), heartbeat_timeout_s=15)

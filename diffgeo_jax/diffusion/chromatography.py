@@ -152,10 +152,10 @@ def peak_time(s: NoiseSchedule, factor, band: bool = False) -> jax.Array:
   return jnp.argmax(g)
 
 
-def plot_chromatogram(s: NoiseSchedule, factors: Sequence[float], path, band: bool = False,
+def plot_chromatogram(s: NoiseSchedule, factors: Sequence[float], band: bool = False,
                       title: str | None = None):
-  """Writes a two-panel figure to `path` (format from its suffix, e.g. .png): S_m(t) and g_m(t)
-  (or the band-pass g_m - g_2m) for each m in `factors`, with the peaks marked. Returns path."""
+  """A two-panel matplotlib Figure: S_m(t) and g_m(t) (or the band-pass g_m - g_2m) for each m in
+  `factors`, with the peaks marked (save it with `fig.savefig` or `paths.save_figure`)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: plotting is optional
   from matplotlib.figure import Figure
   factors = list(factors)
@@ -180,8 +180,7 @@ def plot_chromatogram(s: NoiseSchedule, factors: Sequence[float], path, band: bo
   ax_s.legend()
   ax_s.set_title(title or 'resolution chromatogram')
   fig.tight_layout()
-  fig.savefig(path)
-  return path
+  return fig
 
 
 # -- time-dependent prompt composition -------------------------------------------------------------

@@ -8,6 +8,10 @@ parameters and datasets (methods x perturbation levels x seeds in ROAR / GOAR).
 `model.init(keys[m])` and sees minibatches drawn from its own set by `fold_in(keys[m], step)`, so
 `train_many` on M models equals M calls of `train_one` (the same function, not vmapped), up to
 floating-point reassociation. Adam with weight decay (optax.adamw), softmax cross-entropy.
+
+`retrain_and_test(..., mesh=distributed.make_mesh())` splits the models over the mesh's `data`
+axis (on a pod: every host's devices), each device training its share; every process gets every
+accuracy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from diffgeo_jax import distributed
 
 
 def _check(xs, ys, batched: bool):
@@ -108,12 +114,32 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+def _train_and_test(model, x, key, x_test, y, y_test, steps, batch_size, learning_rate,
+                    weight_decay):
+  """One model trained on (x, y) from `key`, then its accuracy on (x_test, y_test)."""
+  p = _train(model, x, y, key, steps, batch_size, learning_rate, weight_decay)
+  return jnp.mean(jnp.argmax(model.apply({'params': p}, x_test), axis=-1) == y_test)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_and_test_many(model, steps, batch_size, learning_rate, weight_decay, mesh):
+  """(xs, keys, x_tests, y, y_test) -> (M,) accuracies, the models split over `mesh` (one
+  compilation per shape, reused across calls)."""
+  def many(xs, keys, x_tests, y, y_test):
+    return jax.vmap(lambda x, k, xt: _train_and_test(
+        model, x, k, xt, y, y_test, steps, batch_size, learning_rate, weight_decay))(
+            xs, keys, x_tests)
+  return distributed.data_parallel(many, mesh, num_batched=3)
+
+
 def retrain_and_test(model: nn.Module, x_train, y_train, x_test, y_test, seeds, *, steps: int,
                      batch_size: int = 64, learning_rate: float = 1e-3,
-                     weight_decay: float = 0.0) -> jax.Array:
+                     weight_decay: float = 0.0, mesh=None):
   """(L, S) test accuracies: for each of L training sets x_train (L, N, ...) (labels y_train (N,)
   shared), S models (one per seed) trained in one vmapped run and tested on x_test[l] (L, N', ...)
-  with labels y_test (N',)."""
+  with labels y_test (N',). With `mesh` the L * S models are split over its `data` axis
+  (`distributed.data_parallel`: call it on every process) and the result is numpy on every
+  process."""
   x_train, x_test = jnp.asarray(x_train), jnp.asarray(x_test)
   levels, s = x_train.shape[0], len(seeds)
   if x_test.shape[0] != levels:
@@ -121,6 +147,11 @@ def retrain_and_test(model: nn.Module, x_train, y_train, x_test, y_test, seeds, 
                      f'{x_train.shape[0]} and {x_test.shape[0]}')
   rep = lambda a: jnp.repeat(a, s, axis=0)  # model m = level m // S, seed m % S
   keys = jnp.tile(jnp.stack([jax.random.key(int(seed)) for seed in seeds]), levels)
+  if mesh is not None:
+    many = _train_and_test_many(model, int(steps), int(batch_size), float(learning_rate),
+                                float(weight_decay), mesh)
+    acc = many(rep(x_train), keys, rep(x_test), jnp.asarray(y_train), jnp.asarray(y_test))
+    return acc.reshape(levels, s)
   ys = jnp.broadcast_to(jnp.asarray(y_train), (levels * s,) + jnp.shape(y_train))
   params = train_many(model, rep(x_train), ys, keys, steps=steps, batch_size=batch_size,
                       learning_rate=learning_rate, weight_decay=weight_decay)

@@ -124,15 +124,17 @@ class ChromatogramTest(parameterized.TestCase):
       assert pk < int(chrom.peak_time(SD, m))  # the band's own detail comes after its peak
       assert float(band[int(chrom.peak_time(SD, 2 * m))]) < 0  # the coarser band dominates there
 
-  def test_plot_writes_a_png(self):
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-      path = chrom.plot_chromatogram(SD, [1, 2, 4, 8], f'{d}/c.png')
-      with open(path, 'rb') as f:
-        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-      chrom.plot_chromatogram(DDPM, [2], f'{d}/band.png', band=True)
+  def test_plot_makes_a_figure(self):
+    import io
+    fig = chrom.plot_chromatogram(SD, [1, 2, 4, 8])
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 4  # S_m for each m
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    assert buf.getvalue()[:8] == b'\x89PNG\r\n\x1a\n'
+    band = chrom.plot_chromatogram(DDPM, [2], band=True)
+    assert band.axes[1].get_ylabel() == r'$g_m - g_{2m}$'
     with pytest.raises(ValueError, match='factors must be a positive number'):
-      chrom.plot_chromatogram(SD, [0], 'unused.png')
+      chrom.plot_chromatogram(SD, [0])
 
 
 class PromptSwitchTest(chex.TestCase):

@@ -94,13 +94,18 @@ def test_tiny_training_run_beats_chance_and_exports(tmp_path):
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'work' / 'results.json') as f:
-    results = json.load(f)
+    run = json.load(f)
+  results = run['metrics']
   report.record('tiny classifier test accuracy', results['test_accuracy'])
   assert results['test_accuracy'] > 0.25  # chance is 0.1
   assert results['training']['steps'] == 100 and results['training']['final_loss'] < 2.2
-  assert 'train_classifier.py' in results['command']
+  assert 'train_classifier.py' in run['command'] and run['binary'] == 'train_classifier'
+  assert run['config']['export_dir'] == str(export)
+  assert run['wall_s']['training'] + run['wall_s']['evaluation'] <= run['wall_s']['total']
   assert set(results['test_accuracy_per_colour']) == set(dataset.COLOURS)
-  # The exported folder is the workdir's, and its weights give the reported accuracy.
+  # The exported folder is the workdir's (its results.json: the metrics), and its weights give
+  # the reported accuracy.
+  assert classifier.read_results(str(tmp_path / 'work' / 'classifier')) == results
   assert classifier.read_results(str(export)) == results
   scorer = metrics.Scorer.load(str(export), batch_size=512)
   images, digit_labels, _ = dataset.load('test').all_colours()

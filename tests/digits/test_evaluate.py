@@ -3,6 +3,7 @@ a recomputation from what it saved."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,9 +30,15 @@ def _run(args, timeout=300):
 @pytest.fixture(scope='module')
 def evaluation(tmp_path_factory, tiny_digits_pipeline_dir):
   out = tmp_path_factory.mktemp('evaluate')
-  proc = _run([f'--config.pipeline_dir={tiny_digits_pipeline_dir}', '--config.batch_size=32',
-               f'--workdir={out}'])  # classifier_dir '': the shipped one; 50 images, 2 batches
+  # A copy of the pipeline: record_in_pipeline writes its results.json there.
+  pipeline_dir = out / 'pipeline'
+  shutil.copytree(tiny_digits_pipeline_dir, pipeline_dir)
+  (pipeline_dir / 'training.json').write_text(json.dumps({'wall_s': 1.0}))
+  proc = _run([f'--config.pipeline_dir={pipeline_dir}', '--config.batch_size=32',
+               '--config.record_in_pipeline=True', f'--workdir={out / "work"}'])
+  # classifier_dir '': the shipped one; 50 images, 2 batches
   assert proc.returncode == 0, proc.stderr[-3000:]
+  out = out / 'work'
   with open(out / 'results.json') as f:
     return out, json.load(f), np.load(out / 'samples.npz')
 
@@ -45,7 +52,8 @@ def test_results_are_a_recomputation_from_the_samples(evaluation):
   assert prompts == [dataset.caption(d, c) for d in range(10) for c in range(5)]
   assert [dataset.parse_caption(p) for p in prompts] == list(zip(saved['digits'],
                                                                    saved['colours']))
-  assert results['num_images'] == results['num_prompts'] == n
+  m = results['metrics']
+  assert m['num_images'] == m['num_prompts'] == n
 
   scorer = metrics.Scorer.load(batch_size=256)
   x = images * 2.0 - 1.0
@@ -65,29 +73,35 @@ def test_results_are_a_recomputation_from_the_samples(evaluation):
       'frechet_distance': metrics.frechet_distance(feats, ref),
       'frechet_distance_real': metrics.frechet_distance(scorer.features(train_images[idx]), ref),
   }
-  assert set(results['metrics']) == set(want)
   for k, v in want.items():
-    np.testing.assert_allclose(results['metrics'][k], v, rtol=1e-6, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(m[k], v, rtol=1e-6, atol=1e-12, err_msg=k)
   # Random weights: noise, far from real digits, and the baseline says how far real data is.
-  assert results['metrics']['frechet_distance'] > 3 * results['metrics']['frechet_distance_real']
+  assert m['frechet_distance'] > 3 * m['frechet_distance_real']
 
   ok = saved['predicted_digits'] == saved['digits']
   for d, word in enumerate(dataset.DIGIT_WORDS):
-    np.testing.assert_allclose(results['per_digit'][word]['digit_accuracy'],
+    np.testing.assert_allclose(m['per_digit'][word]['digit_accuracy'],
                                ok[saved['digits'] == d].mean())
   for c, name in enumerate(dataset.COLOURS):
-    np.testing.assert_allclose(results['per_colour'][name]['colour_accuracy'],
+    np.testing.assert_allclose(m['per_colour'][name]['colour_accuracy'],
                                np.mean(saved['predicted_colours'][saved['colours'] == c] == c))
-  assert list(results['per_prompt']) == prompts
-  assert results['classifier']['test_accuracy'] == classifier.read_results()['test_accuracy']
-  assert results['classifier']['dir'] == digits.classifier_dir()
-  assert results['reference'] == {'split': 'test', 'images': len(test_images),
+  assert list(m['per_prompt']) == prompts
+  assert m['classifier']['test_accuracy'] == classifier.read_results()['test_accuracy']
+  assert m['classifier']['dir'] == digits.classifier_dir()
+  pipeline_dir = out.parent / 'pipeline'
+  assert m['pipeline_dir'] == str(pipeline_dir)
+  record = json.loads((pipeline_dir / 'results.json').read_text())
+  assert record['evaluation'] == results and record['training'] == {'wall_s': 1.0}
+  assert m['reference'] == {'split': 'test', 'images': len(test_images),
                                   'colours': list(dataset.COLOURS), 'real_baseline_split': 'train',
                                   'real_baseline_images': n}
-  s = results['settings']
+  s = results['config']
   assert (s['sampler'], s['num_steps'], s['guidance_scale'], s['samples_per_prompt']) == (
       'ddim', 3, 1.5, 1)
-  assert results['timing']['sampling_s'] > 0 and results['timing']['total_s'] > 0
+  assert m['sampling_s'] > 0 and m['compile_s'] >= 0
+  assert results['binary'] == 'evaluate' and results['runtime']['processes'] == 1
+  assert 0 < results['wall_s']['sampling'] <= results['wall_s']['total']
+  assert 0 < results['wall_s']['scoring'] <= results['wall_s']['total']
   scalars = summary.read_scalars(str(out / 'tensorboard'))
   np.testing.assert_allclose(scalars['eval/digit_accuracy'][0][1], want['digit_accuracy'],
                              rtol=1e-6)

@@ -32,9 +32,10 @@ def test_tiny_train_and_evaluate(tmp_path):
   flags = ['--config.prior.weight=1.0', '--config.decor.train_strength=0.5']
   proc = _run('train_lora.py', f'--config={CONFIG}:tiny', f'--workdir={tmp_path}', *flags)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads((tmp_path / 'results.json').read_text())
+  out = json.loads((tmp_path / 'results.json').read_text())
+  res = out['metrics']
   assert res['references'] == 4 and res['prior_images'] == 2
-  assert res['instance_prompt'] == 'a sks digit'
+  assert out['config']['data']['instance_prompt'] == 'a sks digit'
   assert res['training']['steps'] == 4 and np.isfinite(res['training']['final_loss'])
   cls = np.load(tmp_path / 'class_images.npz')  # the prior set: base samples of the class prompts
   assert list(cls['prompts']) == ['a red digit zero', 'a green digit zero']
@@ -47,6 +48,8 @@ def test_tiny_train_and_evaluate(tmp_path):
   proc = _run('evaluate_customization.py', f'--config={CONFIG}:tiny', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((tmp_path / 'evaluation' / 'results.json').read_text())
+  assert ev['binary'] == 'evaluate_customization' and ev['config']['eval']['samples_per_digit'] == 1
+  ev = ev['metrics']
   rows = ev['variants']
   assert list(rows) == ['base', 'lora x 0.5', 'lora x 1', 'decor 0', 'decor 1',
                         'decor rank all']
@@ -66,6 +69,7 @@ _LOSS = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, {root!r})
     from configs.decor import digits as decor_config
+    from diffgeo_jax import runs
     from diffgeo_jax.diffusion import pipeline
     from diffgeo_jax.text import decor
     from diffgeo_jax.training import lora
@@ -74,7 +78,12 @@ _LOSS = textwrap.dedent('''
     config.prior.weight = 0.5
     config.decor.train_strength = 0.75
     config.train.batch_size = 4
-    job = train_lora.Job(config, {workdir!r})
+    run = runs.start(config, {workdir!r}, config_file=None)
+    job = train_lora.Job(config, run)
+    # The class images are cached in the workdir and read back by the next Job.
+    cached = np.load({workdir!r} + '/class_images.npz')
+    np.testing.assert_array_equal(train_lora.Job(config, run).x_class, job.x_class)
+    np.testing.assert_allclose(cached['images'] * 2 - 1, job.x_class, atol=1e-6)
     # The instance context is DECOR's projection of the instance prompt.
     x = pipeline.encode_prompts(job.pipe, ['a sks digit'])
     xu = pipeline.encode_prompts(job.pipe, ['a digit three'])
@@ -138,9 +147,10 @@ def test_latent_pipeline_from_an_image_folder(diffusers_pipeline_dir, tmp_path):
   proc = _run('train_lora.py', f'--config={sd15}', f'--workdir={work}',
               *[f'--config.{f}' for f in flags])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads((work / 'results.json').read_text())
+  out = json.loads((work / 'results.json').read_text())
+  res = out['metrics']
   assert res['references'] == 3 and res['prior_images'] == 2
-  assert res['instance_prompt'] == 'a photo of sks dog'
+  assert out['config']['data']['instance_prompt'] == 'a photo of sks dog'
   lp = lora.load(work / 'lora', pipe.unet_params)
   assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
       res['lora_parameters']

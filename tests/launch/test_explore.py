@@ -35,7 +35,8 @@ def explored(tmp_path_factory):
 
 
 def test_reported_numbers_are_recomputable_from_the_saved_bases(explored):
-  r = json.loads((explored / 'results.json').read_text())
+  results = json.loads((explored / 'results.json').read_text())
+  r = results['metrics']
   b = np.load(explored / 'bases.npz')
   n = len(r['samples'])
   assert n == 4 and b['tangent_basis'].shape[:3] == (2, 4, 3)  # (times, samples, k)
@@ -55,6 +56,9 @@ def test_reported_numbers_are_recomputable_from_the_saved_bases(explored):
   assert edit['mean_abs_pixel_change_top'][zero] < 1e-5
   assert min(c for g, c in zip(edit['gammas'], edit['mean_abs_pixel_change_top']) if g) > 1e-4
   assert 0.0 <= edit['digit_kept_small_gamma'] <= 1.0
+  assert results['config']['num_vectors'] == 3 and results['runtime']['processes'] == 1
+  assert r['pipeline_dir'] == digits.pipeline_dir()
+  assert 0 < results['wall_s']['bases'] <= results['wall_s']['total']
   for name in ('edits.png', 'directions.png', 'spectra.png', 'frequency.png', 'geodesic.png'):
     assert (explored / name).is_file(), name
   png = np.asarray(Image.open(explored / 'edits.png'))
@@ -64,7 +68,7 @@ def test_reported_numbers_are_recomputable_from_the_saved_bases(explored):
 def test_saved_basis_is_the_local_basis_of_the_unet_h_space(explored):
   """Sample 0's saved basis at the first time: J v_i = sigma_i u_i for the shipped U-Net."""
   b = np.load(explored / 'bases.npz')
-  r = json.loads((explored / 'results.json').read_text())
+  r = json.loads((explored / 'results.json').read_text())['metrics']
   pipe = models.load_pipeline(digits.pipeline_dir())
   s = schedules.from_diffusers_config(pipe.scheduler_config)
   cond = pl.encode_prompts(pipe, [r['samples'][0]['prompt']])
@@ -93,7 +97,7 @@ def test_runs_on_a_latent_stable_diffusion_folder(tmp_path, diffusers_pipeline_d
   assert proc.returncode == 0, proc.stderr[-3000:]
   b = np.load(tmp_path / 'bases.npz')
   assert b['latent_basis'].shape[3:] == (16, 16, 4)  # the UNet's latent, not pixels
-  r = json.loads((tmp_path / 'results.json').read_text())
+  r = json.loads((tmp_path / 'results.json').read_text())['metrics']
   assert 'digit_kept' not in r['edit']
   assert r['geodesic_same_prompt'][0] > 0 and np.isnan(r['geodesic_different_prompts'][0])
   png = np.asarray(Image.open(tmp_path / 'edits.png'))

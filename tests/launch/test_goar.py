@@ -24,7 +24,9 @@ def _run(config, workdir):
                          f'--workdir={workdir}'], capture_output=True, text=True, timeout=900,
                         cwd=ROOT, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads((workdir / 'results.json').read_text())
+  res = json.loads((workdir / 'results.json').read_text())
+  assert res['binary'] == 'goar' and set(res['wall_s']) >= {'total', 'perturb', 'retrain'}
+  return res
 
 
 def _check_metrics(res, methods, levels_roar, levels_goar, seeds):
@@ -42,18 +44,19 @@ def test_tiny_synthetic(tmp_path):
   config = cfg.get_config('tiny')
   res = _run('synthetic.py:tiny', tmp_path)
   methods = list(attributions.METHODS)
-  assert res['methods'] == methods
-  for key in ('metrics', 'rotated'):
+  assert res['config']['methods'] == methods and res['config']['task'] == 'synthetic'
+  res = res['metrics']
+  for key in ('original', 'rotated'):
     _check_metrics(res[key], methods, 2, 2, 2)
   s = res['summary']
   # Rankings follow the scores (ROAR: lower accuracy is better; GOAR: higher error is better).
-  roar_scores = np.asarray(res['metrics']['roar']['score_mean'])
-  goar_scores = np.asarray(res['metrics']['goar']['score_mean'])
+  roar_scores = np.asarray(res['original']['roar']['score_mean'])
+  goar_scores = np.asarray(res['original']['goar']['score_mean'])
   assert [s['ranking_roar'][m] for m in methods] == list(scipy.stats.rankdata(roar_scores))
   assert [s['ranking_goar'][m] for m in methods] == list(scipy.stats.rankdata(-goar_scores))
   np.testing.assert_allclose(
       s['spearman_goar_vs_ground_truth'],
-      scipy.stats.spearmanr(goar_scores, res['metrics']['ground_truth']).statistic)
+      scipy.stats.spearmanr(goar_scores, res['original']['ground_truth']).statistic)
   # The ground-truth score of the random method recomputed: the same key path as the launcher.
   d = config.data
   test = synthetic.gaussian_clusters(d.test_per_cluster, d.dims, d.num_clusters, d.distance,
@@ -61,7 +64,7 @@ def test_tiny_synthetic(tmp_path):
   j = methods.index('random')
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), j), 1)
   a = attributions.attribute('random', None, test.x, test.y, jax.random.fold_in(key, 0))
-  np.testing.assert_allclose(res['metrics']['ground_truth'][j],
+  np.testing.assert_allclose(res['original']['ground_truth'][j],
                              np.mean(synthetic.rank_correlation(np.asarray(a), test.weights)),
                              atol=1e-9)
   inv = res['invariance']
@@ -72,10 +75,10 @@ def test_tiny_synthetic(tmp_path):
 
 
 def test_tiny_digits_with_sdedit_projection(tmp_path):
-  res = _run('digits.py:tiny', tmp_path)
+  res = _run('digits.py:tiny', tmp_path)['metrics']
   methods = list(attributions.METHODS)
-  _check_metrics(res['metrics'], methods, 1, 1, 2)
-  assert 'ground_truth' not in res['metrics'] and 'rotated' not in res
+  _check_metrics(res['original'], methods, 1, 1, 2)
+  assert 'ground_truth' not in res['original'] and 'rotated' not in res
   assert set(res['summary']['ranking_goar']) == set(methods)
   assert (tmp_path / 'curves.png').is_file()
 

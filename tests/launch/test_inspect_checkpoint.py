@@ -19,7 +19,9 @@ def test_inspect_pipeline_folder(tmp_path, diffusers_pipeline_dir):
       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert set(results) == {'model_dir', 'unet', 'vae', 'text_encoder'}
+  assert results['config']['model_dir'] == str(diffusers_pipeline_dir)
+  results = results['metrics']
+  assert set(results) == {'unet', 'vae', 'text_encoder'}
   n_unet = sum(p.numel() for p in oracles.torch_unet('sd1').parameters())
   assert results['unet']['params'] == n_unet
   n_text = sum(p.numel() for p in oracles.torch_clip().parameters())

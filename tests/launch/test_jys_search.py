@@ -27,7 +27,9 @@ def test_quick_toys(tmp_path):
                'schedules.png'):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'results.json')) as f:
-    res = json.load(f)['results']
+    full = json.load(f)
+  res = full['metrics']
+  assert full['config']['toys'] == list(config.toys) and 'search' in full['wall_s']
   v, length = config.vocab_size, config.length
   table = np.zeros((v,) * length)  # first_decides: x^i = x^1 for all i
   for a in range(v):
@@ -61,7 +63,7 @@ def _run_trained(task, tmp_path):
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(tmp_path, 'results.json')) as f:
-    res = json.load(f)['results']
+    res = json.load(f)['metrics']
   with open(os.path.join(tmp_path, 'schedules.json')) as f:
     sched = json.load(f)['jys']
   return res, sched

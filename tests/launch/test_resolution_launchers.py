@@ -25,7 +25,10 @@ def _run(script, config, workdir, *flags):
       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads((workdir / 'results.json').read_text())
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['binary'] == script[:-3] and results['runtime']['processes'] == 1
+  assert json.loads((workdir / 'config.json').read_text()) == results['config']
+  return results
 
 
 @pytest.fixture(scope='module')
@@ -39,7 +42,9 @@ def test_upsample_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
   for name in ('comparison.png', 'accuracy.png', 'samples.npz', 'config.json'):
     assert (tmp_path / name).is_file(), name
   out = np.load(tmp_path / 'samples.npz')
-  variants = results['variants']
+  variants = results['metrics']['variants']
+  assert results['config']['factor'] == 2
+  assert 0 < results['wall_s']['sampling_guided'] <= results['wall_s']['total']
   assert list(variants) == ['native', 'plain', 'guided', 'no_time', 'no_power']
   assert out['native'].shape == (10, 16, 16, 3) and out['guided'].shape == (10, 32, 32, 3)
   want = np.arange(10)  # quick: one red sample per digit, digit-major
@@ -80,14 +85,15 @@ def test_chromatography_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
     assert (tmp_path / name).is_file(), name
   # The digits schedule is DDPM's linear one: the notes' reference peaks (m = 1, 2, 4, 8: 219,
   # 408, 546, 656; 407 in float32, where the curve is flat to 1e-5) and SD's (313, 599, 780, 917).
-  peaks = results['schedule']['peak_time']
+  m = results['metrics']
+  peaks = m['schedule']['peak_time']
   assert [peaks[m] for m in ('1', '4', '8')] == [219, 546, 656] and peaks['2'] in (407, 408)
-  assert [results['sd_schedule']['peak_time'][m] for m in ('1', '2', '4', '8')] == [
+  assert [m['sd_schedule']['peak_time'][f] for f in ('1', '2', '4', '8')] == [
       313, 599, 780, 917]
   # Switch end points: t_s = 995 is above every grid timestep (the second prompt throughout),
   # t_s = 0 below every one (the first throughout); recompute the colour one from scratch.
   pipe = models.load_pipeline(tiny_digits_pipeline_dir)
-  colour = results['switch']['colour']
+  colour = m['switch']['colour']
   assert colour['switch_times'] == [995.0, 500.0, 0.0]
   noise = jax.random.normal(jax.random.key(0), (10, 16, 16, 3))
   firsts = [f'a red digit {w}' for w in ('zero', 'one', 'two', 'three', 'four', 'five', 'six',
@@ -99,5 +105,5 @@ def test_chromatography_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
     got = classifier.colour_index(images * 2 - 1)
     np.testing.assert_allclose(colour['keep_first'][t_index], np.mean(got == 0))
     np.testing.assert_allclose(colour['show_second'][t_index], np.mean(got == 2))
-  s_half = {m: float(v) for m, v in results['schedule']['half_time'].items()}
+  s_half = {f: float(v) for f, v in m['schedule']['half_time'].items()}
   assert s_half['1'] < s_half['2'] < s_half['4'] < s_half['8']  # coarser settles earlier

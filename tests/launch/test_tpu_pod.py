@@ -146,6 +146,41 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
   assert not calls(tmp_path)
 
 
+@pytest.mark.parametrize('binary_flags, message', [
+    ([], 'give the binary a --workdir=gs://bucket/path'),
+    (['--workdir=/tmp/run'], '--workdir=/tmp/run is not on Cloud Storage'),
+    (['--workdir', 'run'], '--workdir=run is not on Cloud Storage'),
+    # absl keeps the last value: that one counts.
+    (['--workdir=gs://b/run', '--workdir=/tmp/run'], '--workdir=/tmp/run is not on Cloud'),
+    (['--workdir=gs://b/run', '--config.export_dir=/data/pipe'],
+     '--config.export_dir=/data/pipe is not on Cloud Storage'),
+])
+def test_delete_refuses_outputs_that_die_with_the_slice(tmp_path, binary_flags, message):
+  proc = launch('--dry_run', *BASE, '--delete', '--binary=launch/train_t2i.py', '--',
+                *binary_flags, tmp_path=tmp_path)
+  assert proc.returncode != 0
+  assert message in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_model_folders_and_workdir_on_gcs(tmp_path):
+  """A pod run reads the model folder from the bucket and writes there; with --delete too."""
+  proc = launch('--dry_run', *BASE, '--nocreate', '--nocopy', '--noinstall', '--delete',
+                '--binary=launch/sample.py', '--', '--config=configs/sample/default.py',
+                '--config.pipeline_dir=gs://bucket/sd15', '--workdir=gs://bucket/run',
+                tmp_path=tmp_path)
+  got = commands(proc)
+  assert got[0].endswith(shlex.quote(
+      'cd ~/diffgeo_jax && python3 -u launch/sample.py --jax_distributed '
+      '--config=configs/sample/default.py --config.pipeline_dir=gs://bucket/sd15 '
+      '--workdir=gs://bucket/run'))
+  assert ('# run: every worker reads and writes gs://bucket/sd15, gs://bucket/run directly'
+          in proc.stdout)
+  # Without --delete a local workdir is allowed, and the note says where the outputs stay.
+  proc = launch('--dry_run', *BASE, '--nocreate', '--nocopy', '--noinstall',
+                '--binary=launch/sample.py', '--', '--workdir=/tmp/run', tmp_path=tmp_path)
+  assert "no gs:// path: outputs stay on the workers' disks" in proc.stdout
+
+
 def test_untracked_binary_is_refused(tmp_path):
   path = os.path.join(ROOT, 'launch', f'_untracked_{os.getpid()}.py')
   open(path, 'w').close()
@@ -198,7 +233,8 @@ def test_a_preempted_slice_stops_the_launch(tmp_path):
 
 def test_failed_run_exits_nonzero_and_still_deletes(tmp_path):
   proc = launch(*BASE, '--nocreate', '--nocopy', '--noinstall', '--delete',
-                '--binary=launch/sample.py', tmp_path=tmp_path, FAKE_RUN_RC='3')
+                '--binary=launch/sample.py', '--', '--workdir=gs://bucket/run', tmp_path=tmp_path,
+                FAKE_RUN_RC='3')
   assert proc.returncode != 0
   assert "tpu_pod: step 'run' failed: exit code 3" in proc.stderr
   assert [c[3] for c in calls(tmp_path)] == ['ssh', 'delete']

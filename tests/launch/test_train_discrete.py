@@ -28,7 +28,7 @@ def _train(tmp_path, name, *flags):
       capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return work, json.loads((work / 'results.json').read_text())
+  return work, json.loads((work / 'results.json').read_text())['metrics']
 
 
 @pytest.mark.parametrize('name', ['countdown', 'digits'])
@@ -36,7 +36,9 @@ def test_tiny_run_writes_a_model_that_reproduces_its_results(tmp_path, name):
   export = tmp_path / 'export'
   work, results = _train(tmp_path, name, f'--config.export_dir={export}')
   config = CONFIGS[name].get_config('tiny')
-  assert results['data'] == name and 'train_discrete.py' in results['command']
+  run = json.loads((work / 'results.json').read_text())
+  assert results['data'] == name and 'train_discrete.py' in run['command']
+  assert run['config']['data']['name'] == name and run['runtime']['processes'] == 1
   assert results['training']['steps'] == 20 and np.isfinite(results['training']['final_loss'])
   assert results['process'] == {'name': 'absorbing', 'schedule': 'loglinear', 'eps': 1e-3,
                                 't_min': 1e-3}
@@ -44,7 +46,7 @@ def test_tiny_run_writes_a_model_that_reproduces_its_results(tmp_path, name):
   assert held['repeats'] == 2 and 0.3 < held['masked_fraction'] < 0.7
   v = config.data.vocab_size
   assert 0 < held['elbo'] < 2 * np.log(v) and 0 <= held['masked_accuracy'] <= 1
-  # The folder in the workdir and its export are the same, and carry the results.
+  # The folder in the workdir and its export are the same, and carry the metrics.
   for folder in (work / 'model', export):
     for f in ('config.json', 'model.safetensors', 'results.json'):
       assert (folder / f).is_file(), (folder, f)

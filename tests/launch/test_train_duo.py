@@ -24,14 +24,17 @@ def test_tiny_run(tmp_path):
        f'--config={os.path.join(ROOT, "configs", "duo", "digits.py")}:tiny',
        f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads((tmp_path / 'results.json').read_text())
+  out = json.loads((tmp_path / 'results.json').read_text())
+  res = out['metrics']
   pairs = np.load(tmp_path / 'pairs.npz')
   scorer = metrics.Scorer.load()
   # The detector gate held on both sides of every pair.
   assert np.all(scorer.predict(pairs['unsafe'] * 2 - 1) == 8)
   assert np.all(scorer.predict(pairs['safe'] * 2 - 1) != 8)
-  assert res['pairs'] == 4 and res['beta'] == 50.0
+  assert res['pairs'] == 4 and out['config']['duo']['beta'] == 50.0
   np.testing.assert_allclose(res['learning_rate'], 3e-4 * 100 / 50)
+  assert out['config']['train']['learning_rate'] == res['learning_rate']  # set from beta
+  assert {'pairs', 'training', 'evaluation'} <= set(out['wall_s'])
   np.testing.assert_allclose(res['prior_weight'], 1e6 * 50 / 100)
   assert pairs['retain'].shape == (4,) + pairs['unsafe'].shape[1:]  # the retain set
   assert all('eight' not in p for p in pairs['retain_prompts'])
@@ -51,7 +54,12 @@ def test_tiny_run(tmp_path):
       timeout=900, cwd=ROOT, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((out / 'results.json').read_text())
+  assert ev['config']['runs'] == str(tmp_path) and 'attack' in ev['wall_s']
+  ev = ev['metrics']
   run = ev['runs'][str(tmp_path)]
+  duo = json.loads((tmp_path / 'config.json').read_text())['duo']  # the settings come from here
+  assert run['beta'] == 50.0 and run['condition'] == duo['condition']
+  assert run['retain_weight'] == duo['retain_weight'] > 0
   # Same prompts, noise and steps as train_duo's own evaluation: the same numbers.
   for side, got in (('base', ev['base']), ('unlearned', run)):
     for k in ('defence_success_rate', 'other_digits_accuracy'):
@@ -89,7 +97,8 @@ def test_adversarial_rounds(tmp_path):
   assert 'adversarial round at step 4' in proc.stderr
   assert sorted(dict(np.load(tmp_path / 'adversarial_rows.npz'))) == ['2', '4']
   np.testing.assert_array_equal(np.load(tmp_path / 'adversarial_rows.npz')['2'], rows['2'])
-  assert json.loads((tmp_path / 'results.json').read_text())['training']['resumed_from_step'] == 4
+  res = json.loads((tmp_path / 'results.json').read_text())['metrics']
+  assert res['training']['resumed_from_step'] == 4
 
 
 def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path):
@@ -105,7 +114,7 @@ def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path)
        *[f'--config.{f}' for f in flags]], capture_output=True, text=True, timeout=900,
       cwd=ROOT, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads((tmp_path / 'results.json').read_text())
+  res = json.loads((tmp_path / 'results.json').read_text())['metrics']
   assert 'base' not in res  # no detector, no digits evaluation
   assert res['training']['steps'] == 2 and np.isfinite(res['training']['final_loss'])
   pairs = np.load(tmp_path / 'pairs.npz')
