@@ -11,11 +11,13 @@ of the library follows them:
 3. Results reach numpy only fully replicated (jit `out_shardings=replicated(mesh)`) or through
    `to_host`, which gathers whatever is sharded; numpy never sees a partly remote array.
 4. A decision read from data on the host (a detector's verdict, say) is taken once, on process 0,
-   and broadcast with `same_on_all_hosts`, so that control flow cannot diverge across hosts.
+   and broadcast with `same_on_all_hosts`, so that control flow cannot diverge across hosts; a
+   cache file is reused only if `exists_on_every_host`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +40,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # CPU processes (tests, clusters without accelerators) need a cross-process collectives
   # library; gloo is jax's default from 0.5 on and this setting only concerns the CPU backend.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {}
+  if 'heartbeat_timeout_seconds' in inspect.signature(jax.distributed.initialize).parameters:
+    kwargs['heartbeat_timeout_seconds'] = heartbeat_timeout_s  # older jax: its fixed default
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+                             num_processes=num_processes, process_id=process_id, **kwargs)
   logging.info('jax.distributed: process %d of %d, %d local of %d devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
@@ -120,13 +124,20 @@ def _put(x, sharding: NamedSharding):
   return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
 
-def process_rows(global_rows: int) -> slice:
-  """This process's rows of a global batch of `global_rows` (the processes split it in order)."""
-  n, i = jax.process_count(), jax.process_index()
+def process_rows(global_rows: int, mesh: Mesh) -> np.ndarray:
+  """The indices of the rows of a global batch of `global_rows` that this process's devices hold
+  when the batch is split over the `data` axis of `mesh` (ascending, the order in which
+  `jax.make_array_from_process_local_data` expects them). On a TPU pod the mesh follows the
+  physical topology, so a host's rows need not be one contiguous block."""
+  n = data_size(mesh)
   if global_rows % n:
-    raise ValueError(f'a global batch of {global_rows} rows does not split over {n} processes')
-  rows = global_rows // n
-  return slice(i * rows, (i + 1) * rows)
+    raise ValueError(f'a global batch of {global_rows} rows does not split over the {n} devices '
+                     'of the data axis')
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  rows = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(global_rows)))
+  return np.array(sorted(rows), dtype=np.int64)
 
 
 def data_parallel(fn, mesh: Mesh | None = None, num_batched: int = 1):

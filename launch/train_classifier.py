@@ -50,7 +50,8 @@ class Job:
     return loss, {'accuracy': (logits.argmax(-1) == batch['digits']).mean()}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
+    """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each
+    process's rows of it)."""
     c = self.config.train
     rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.split), c.batch_size)
@@ -58,8 +59,7 @@ class Job:
     images = classifier.augmented_images(
         rng, self.split.strokes[idx], random_colour_prob=d.random_colour_prob,
         min_brightness=d.min_brightness, max_shift=d.max_shift, max_noise_std=d.max_noise_std)
-    rows = distributed.process_rows(c.batch_size)
-    return {'images': images[rows], 'digits': self.split.digits[idx][rows].astype(np.int32)}
+    return {'images': images, 'digits': self.split.digits[idx].astype(np.int32)}
 
 
 def evaluate(scorer: metrics.Scorer, split_seed: int) -> dict:

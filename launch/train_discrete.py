@@ -73,14 +73,15 @@ class Job:
                           self.config.process.t_min)
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
+    """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each
+    process's rows of it)."""
     c, d = self.config.train, self.config.data
     rng = np.random.default_rng([c.seed, step])
     if d.name == 'countdown':
       tokens = data.countdown(rng, c.batch_size, d.length, d.vocab_size)
     else:
       tokens = self.train_tokens[rng.integers(0, len(self.train_tokens), c.batch_size)]
-    return {'tokens': tokens[distributed.process_rows(c.batch_size)]}
+    return {'tokens': tokens}
 
   def heldout_tokens(self) -> np.ndarray:
     """The fixed held-out set: seeded fresh Countdown sequences, or the digits test split."""

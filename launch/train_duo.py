@@ -232,9 +232,10 @@ class Job:
                            t_max=c.t_max, retain_weight=c.retain_weight)
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
+    """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each
+    process's rows of it)."""
     c = self.config.train
-    rows = c.batch_size  # the global batch; this process feeds `distributed.process_rows` of it
+    rows = c.batch_size  # the global batch (the Trainer feeds each process's rows of it)
     rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.pairs['unsafe']), rows)
     condition = self.config.duo.condition
@@ -251,8 +252,7 @@ class Job:
     if self.config.duo.retain_weight > 0:
       r = rng.integers(0, len(self.x_retain), rows)
       batch.update(retain=self.x_retain[r], retain_context=self.retain_context[r])
-    mine = distributed.process_rows(rows)
-    return {k: v[mine] for k, v in batch.items()}
+    return batch
 
 
 def evaluate(job: Job, unet_params, config) -> dict:

@@ -199,10 +199,10 @@ class Job:
     return loss, {'loss': loss, **metrics}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s global batch: instance rows (and as many class rows
-    with prior preservation), a function of (seed, step) alone."""
+    """The global batch of step `step`: instance rows (and as many class rows with prior
+    preservation), a function of (seed, step) alone (the Trainer feeds each process's rows)."""
     c = self.config.train
-    rows = c.batch_size  # the global batch; this process feeds `distributed.process_rows` of it
+    rows = c.batch_size  # the global batch (the Trainer feeds each process's rows of it)
     rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.x_instance), rows)
     x = self.x_instance[idx]
@@ -214,9 +214,8 @@ class Job:
       x = np.concatenate([x[:rows - n_cls], self.x_class[j]])
       ctx = np.concatenate([ctx[:rows - n_cls], self.c_class[j]])
       instance = np.concatenate([instance[:rows - n_cls], np.zeros(n_cls, np.float32)])
-    mine = distributed.process_rows(rows)
-    return {'x': x[mine].astype(np.float32),
-            'context': np.ascontiguousarray(ctx[mine], np.float32), 'instance': instance[mine]}
+    return {'x': x.astype(np.float32), 'context': np.ascontiguousarray(ctx, np.float32),
+            'instance': instance}
 
 
 def main(argv):

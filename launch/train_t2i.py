@@ -10,9 +10,9 @@ needs. Writes to --workdir (local or gs://): `config.json`, `checkpoints/` (orba
 from the latest), `tensorboard/`, `pipeline/` (the EMA weights as a diffusers pipeline folder, also
 written to `export_dir` when set) and `results.json`.
 
-Multi-host: every process builds the same global batch of a step from (seed, step) and feeds its
-own rows of it, so a run on N processes computes the same updates as one process with the same
-global batch.
+Multi-host: every process builds the same global batch of a step from (seed, step) and feeds the
+rows its devices hold, so a run on N processes computes the same updates as one process with the
+same global batch.
 """
 
 from __future__ import annotations
@@ -70,13 +70,12 @@ class Job:
     return jnp.mean((eps - noise) ** 2), {}
 
   def batch_fn(self, step: int) -> dict:
-    """This process's rows of step `step`'s global batch, a function of (seed, step) alone."""
+    """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each
+    process's rows of it)."""
     c = self.config.train
     rng = np.random.default_rng([c.seed, step])
     b = dataset.sample_batch(rng, self.split, c.batch_size, self.config.data.empty_caption_prob)
-    rows = distributed.process_rows(c.batch_size)
-    return {'images': b['images'][rows],
-            'input_ids': np.stack([self.ids[s] for s in b['captions'][rows]])}
+    return {'images': b['images'], 'input_ids': np.stack([self.ids[s] for s in b['captions']])}
 
   def pipeline(self, params: dict) -> models.Pipeline:
     scheduler = {'_class_name': 'DDPMScheduler', **self.config.scheduler.to_dict()}

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The mesh lives with the other multi-device helpers; re-exported for the training code.
+from diffgeo_jax import distributed
 from diffgeo_jax.distributed import batch_sharding, make_mesh, replicated  # noqa: F401
 
 Spec = PartitionSpec | Callable[[tuple[int, ...]], PartitionSpec]
@@ -69,17 +70,21 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = ()) -> Any:
 
 
 def put_batch(batch: Any, mesh: Mesh) -> Any:
-  """This process's part of a global batch -> global arrays sharded over `data`.
+  """A global batch (numpy, the same on every process) -> global arrays split over `data`.
 
-  Each process passes its own rows (on one host: the whole batch); the leading dimension must split
-  evenly over the process's data-parallel devices."""
+  Each process copies only the rows its own devices hold (`distributed.process_rows`), so N
+  processes build the array one process would. The leading dimension must split evenly over the
+  data axis."""
   sharding = batch_sharding(mesh)
-  local = mesh.devices.shape[0] // jax.process_count()
+  n = mesh.shape['data']
 
   def one(x):
     x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % max(local, 1):
-      raise ValueError(f'batch arrays need a leading dimension divisible by the {local} local '
-                       f'data-parallel devices, got shape {x.shape}')
-    return jax.make_array_from_process_local_data(sharding, x)
+    if x.ndim == 0 or x.shape[0] % n:
+      raise ValueError(f'batch arrays need a leading dimension divisible by the {n} data-parallel '
+                       f'devices, got shape {x.shape}')
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(
+        sharding, x[distributed.process_rows(x.shape[0], mesh)], x.shape)
   return jax.tree.map(one, batch)

@@ -10,7 +10,9 @@ Runs are exactly reproducible and therefore exactly resumable: the batch of step
 updates as one that never stopped.
 
 A training job supplies `loss_fn(params, batch, key) -> (loss, metrics)`, `init_fn(key) -> params`
-and `batch_fn(step) -> dict of numpy arrays` (this process's rows of the global batch).
+and `batch_fn(step) -> dict of numpy arrays`: the global batch of the step, a function of the step
+alone, the same on every process; each process feeds the rows its own devices hold
+(`sharding.put_batch`), so N processes compute the updates one process computes.
 """
 
 from __future__ import annotations
