@@ -13,7 +13,6 @@ import sys
 import time
 
 import chex
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
