@@ -15,6 +15,10 @@ bench --config=sd15 --rank=32 --pairs=1 --repeats=10 --out=$OUT/duo_sd15.json
 JAX_TRACEBACK_FILTERING=off timeout 120 python3 launch/train_duo.py \
   --config=configs/duo/digits.py:tiny --workdir=/tmp/duo_tiny > $OUT/train_duo_tiny.log 2>&1
 echo "train_duo tiny rc=$?"; grep -v Warn $OUT/train_duo_tiny.log | tail -40
+# The same launcher in bf16 (the `model` block: bf16 activations and frozen base).
+JAX_TRACEBACK_FILTERING=off timeout 120 python3 launch/train_duo.py --config=configs/duo/digits.py:tiny \
+  --config.model.dtype=bfloat16 --workdir=/tmp/duo_tiny_bf16 > $OUT/train_duo_tiny_bf16.log 2>&1
+echo "train_duo tiny bf16 rc=$?"; grep -v Warn $OUT/train_duo_tiny_bf16.log | tail -20
 bench --config=small --pairs=4 --repeats=20 --attention_impl=jax --out=$OUT/duo_small_jax.json
 # GOAR: vmapped vs sequential retraining on the accelerator (CPU numbers in BENCHMARKS.md).
 timeout 240 python3 benchmarks/retrain_vmap.py --task=digits --models=15,75 2>&1 | grep '^{' | tee -a $OUT/retrain_vmap.txt

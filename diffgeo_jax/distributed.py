@@ -171,7 +171,24 @@ def data_parallel(fn, mesh: Mesh | None = None, num_batched: int = 1):
     out = jitted(*shard_batch(mesh, batched), *replicate(mesh, shared))
     return jax.tree.map(lambda x: x[:n], to_host(out))
 
+  def lower(*args):
+    """The jitted computation lowered for abstract arguments (`jax.ShapeDtypeStruct`s, batch
+    sizes already a multiple of the `data` axis), placed as `call` places them: for
+    ahead-of-time compilation on `mesh`'s devices (`diffgeo_jax.aot`)."""
+    batched, shared = args[:num_batched], args[num_batched:]
+    return jitted.lower(*abstract(batched, batch_sharding(mesh)),
+                        *abstract(shared, replicated(mesh)))
+
+  call.lower = lower
   return call
+
+
+def abstract(tree: Any, sharding) -> Any:
+  """Every array leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s) as a ShapeDtypeStruct with
+  `sharding`: the inputs of `jit(...).lower` for a program compiled ahead of time."""
+  def one(x):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+  return jax.tree.map(one, tree)
 
 
 # -- outputs -----------------------------------------------------------------------------------

@@ -81,15 +81,11 @@ def trajectories_fn(pipe, s, config, mesh):
 
 
 def bases_fn(pipe, config, mesh):
-  """(x_t, cond, key data, t, params) -> the `LocalBasis` of each sample at timestep t (traced:
-  one executable for every t)."""
-  def one(x, ctx, key, t, params):
-    h_fn = pullback.unet_h_fn(pipe.unet, params['unet'], t, ctx)
-    return pullback.local_basis(h_fn, x, config.num_vectors, config.num_iters,
-                                jax.random.wrap_key_data(key),
-                                chunk_size=config.chunk_size or None, tol=config.tol)
-  return distributed.data_parallel(jax.vmap(one, in_axes=(0, 0, 0, None, None)), mesh,
-                                   num_batched=3)
+  """(x_t, cond, key data, t, unet params) -> the `LocalBasis` of each sample at timestep t
+  (traced: one executable for every t)."""
+  return pullback.unet_bases_fn(pipe.unet, mesh, num_vectors=config.num_vectors,
+                                num_iters=config.num_iters, chunk_size=config.chunk_size or None,
+                                tol=config.tol)
 
 
 def edit_fn(pipe, s, config, k_edit, mesh):
@@ -168,7 +164,7 @@ def main(argv):
   sv, lat, tan, iters = [], [], [], []
   with run.timed('bases'):
     for k, t in zip(idx, ts):
-      b = basis_fn(traj_x[:, k], cond, keys, np.float32(t), params)
+      b = basis_fn(traj_x[:, k], cond, keys, np.float32(t), params['unet'])
       sv.append(b.singular_values)
       lat.append(b.latent_basis)
       tan.append(b.tangent_basis)
@@ -194,7 +190,7 @@ def main(argv):
   k_edit = editing.edit_step_index(s, config.num_steps, config.edit_time)
   x_edit = traj_x[:, k_edit]
   with run.timed('edits'):
-    b_edit = basis_fn(x_edit, cond, keys, np.float32(grid_ts[k_edit]), params)
+    b_edit = basis_fn(x_edit, cond, keys, np.float32(grid_ts[k_edit]), params['unet'])
     top = b_edit.latent_basis[:, 0]
     rand = np.asarray(jax.random.normal(jax.random.key(1), top.shape))
     rand = rand / np.sqrt(np.sum(rand ** 2, axis=(1, 2, 3), keepdims=True))

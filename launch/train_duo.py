@@ -15,7 +15,7 @@ Steps (the official `naver-ai/DUO` pipeline):
    them). A latent pipeline (SD) trains on one VAE posterior sample per image. Multi-host: every
    process runs the same sampling calls (each batch sharded over all devices, the images returned
    to every process) and takes process 0's detector verdicts, so all hold the same pairs.
-2. Training: `losses.duo_loss` on the LoRA factors (the base UNet is the frozen reference, passed to
+2. Training: `unlearning.duo.Objective` (`losses.duo_loss`) on the LoRA factors (the base UNet is the frozen reference, passed to
    the step, sharded by the same rules: `mesh.model` > 1 shards parameters FSDP-style over the
    `model` axis), one jit-compiled step with shardings over the mesh, orbax checkpoints with resume
    (`training.trainer.Trainer`). lr and the prior weight follow beta as in the official scripts.
@@ -53,7 +53,8 @@ from ml_collections import config_flags
 from diffgeo_jax import digits, distributed, models, paths, runs
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset, metrics
-from diffgeo_jax.training import embedding_attack, lora, losses, sharding, trainer
+from diffgeo_jax.training import embedding_attack, lora, losses, precision, sharding, trainer
+from diffgeo_jax.unlearning import duo
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
@@ -218,18 +219,10 @@ class Job:
     self.adversarial.append(np.asarray(pipeline.encode_prompts(
         pipe, [str(p) for p in self.pairs['prompts']])))
 
-  def eps_fn(self, params, x_t, t, context):
-    return self.pipe.unet.apply({'params': params}, x_t, t, context)
-
-  def init_fn(self, key: jax.Array):
-    c = self.config.lora
-    return lora.init(key, self.pipe.unet_params, rank=c.rank, targets=c.targets, alpha=c.alpha)
-
-  def loss_fn(self, lora_params, batch, key, base_params):
-    c = self.config.duo
-    return losses.duo_loss(self.eps_fn, base_params, lora_params, batch, key, self.schedule,
-                           beta=c.beta, prior_weight=self.prior_weight, t_min=c.t_min,
-                           t_max=c.t_max, retain_weight=c.retain_weight)
+  def objective(self) -> duo.Objective:
+    """The training objective: the UNet with the run's `model.dtype` and `model.remat`."""
+    unet = precision.configure_unet(self.pipe.unet, self.config.get('model'))
+    return duo.Objective.from_config(self.config, unet, self.schedule, self.pipe.unet_params)
 
   def batch_fn(self, step: int) -> dict:
     """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each
@@ -315,13 +308,6 @@ def adversarial_rounds(job: Job, train: trainer.Trainer, run: runs.Run):
   return train.run()
 
 
-def rules_of(config) -> tuple:
-  """FSDP over the `model` axis for every large leaf (LoRA factors and frozen base alike)."""
-  if config.mesh.model > 1:
-    return (('.*', sharding.fsdp('model', config.mesh.model)),)
-  return ()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -331,8 +317,11 @@ def main(argv):
     job = Job(config, run)
   config.train.learning_rate = job.learning_rate  # coupled to beta (official scripts)
   mesh = sharding.make_mesh(model=config.mesh.model)
-  train = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn, job.batch_fn, mesh=mesh,
-                          rules=rules_of(config), frozen=job.pipe.unet_params)
+  objective = job.objective()
+  train = trainer.Trainer(config, run.workdir, objective.init_fn, objective.loss_fn, job.batch_fn,
+                          mesh=mesh, rules=duo.rules(config),
+                          frozen=precision.frozen_params(job.pipe.unet_params,
+                                                         config.get('model')))
   with run.timed('training'):
     if config.duo.adversarial.every > 0:
       state, result = adversarial_rounds(job, train, run)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import io
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,7 +45,7 @@ from diffgeo_jax import digits, distributed, images as images_lib, models, paths
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset
 from diffgeo_jax.text import decor
-from diffgeo_jax.training import lora, losses, trainer
+from diffgeo_jax.training import dreambooth, lora, precision, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/decor/*.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
@@ -175,28 +174,11 @@ class Job:
       self.c_class = np.asarray(pipeline.encode_prompts(self.pipe,
                                                         [str(p) for p in cls['prompts']]))
 
-  def init_fn(self, key: jax.Array):
-    c = self.config.lora
-    return lora.init(key, self.pipe.unet_params, rank=c.rank, targets=c.targets, alpha=c.alpha)
-
-  def loss_fn(self, lora_params, batch, key, base_params):
-    """Mean denoising error on the instance rows (+ prior.weight x that on the class rows)."""
-    params = lora.merge(base_params, lora_params)
-    x0, ctx = batch['x'], batch['context']
-    k_t, k_eps = jax.random.split(key)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, self.schedule.num_train_timesteps)
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    pred = self.pipe.unet.apply({'params': params}, self.schedule.add_noise(x0, eps, t), t, ctx)
-    err = losses.denoising_error(pred, eps)
-    instance = jnp.sum(err * batch['instance']) / jnp.maximum(jnp.sum(batch['instance']), 1)
-    metrics = {'instance_loss': instance}
-    loss = instance
-    if self.prior:
-      n_cls = jnp.sum(1 - batch['instance'])
-      prior = jnp.sum(err * (1 - batch['instance'])) / jnp.maximum(n_cls, 1)
-      loss = loss + self.config.prior.weight * prior
-      metrics['prior_loss'] = prior
-    return loss, {'loss': loss, **metrics}
+  def objective(self) -> dreambooth.Objective:
+    """The training objective: the UNet with the run's `model.dtype` and `model.remat`."""
+    unet = precision.configure_unet(self.pipe.unet, self.config.get('model'))
+    return dreambooth.Objective.from_config(self.config, unet, self.schedule,
+                                            self.pipe.unet_params)
 
   def batch_fn(self, step: int) -> dict:
     """The global batch of step `step`: instance rows (and as many class rows with prior
@@ -231,8 +213,10 @@ def main(argv):
   run.save_image('references.png', images_lib.grid(
       job.references, 1, n, scale=max(1, 64 // job.references.shape[1])))
   with run.timed('training'):
-    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn, job.batch_fn,
-                                    frozen=job.pipe.unet_params).run()
+    objective = job.objective()
+    state, result = trainer.Trainer(
+        config, run.workdir, objective.init_fn, objective.loss_fn, job.batch_fn,
+        frozen=precision.frozen_params(job.pipe.unet_params, config.get('model'))).run()
   lp = distributed.to_host(state.params)
   if run.is_main:
     with run.folder('lora') as out:

@@ -18,16 +18,14 @@ same global batch.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, distributed, models, paths, runs
-from diffgeo_jax.models import unet as unet_lib
 from diffgeo_jax.diffusion import schedules
 from diffgeo_jax.digits import dataset, tokenizer
-from diffgeo_jax.training import trainer
+from diffgeo_jax.training import precision, text_to_image, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (configs/digits/t2i.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumes from its checkpoints).',
@@ -51,23 +49,16 @@ class Job:
                          return_tensors='np').input_ids
     self.ids = dict(zip(captions, ids.astype(np.int32)))
 
+  def objective(self) -> text_to_image.Objective:
+    """The UNet and text encoder trained jointly, with the run's `model.dtype` and `model.remat`."""
+    return text_to_image.Objective(precision.configure_unet(self.unet, self.config.get('model')),
+                                   self.schedule, self.text, max_length=tokenizer.MAX_LENGTH)
+
   def init_fn(self, key: jax.Array) -> dict:
-    k_text, k_unet = jax.random.split(key)
-    ids = jnp.zeros((1, tokenizer.MAX_LENGTH), jnp.int32)
-    text_params = self.text.init(k_text, ids)['params']
-    x, t, context, _ = unet_lib.dummy_inputs(self.unet.config, batch=1)
-    unet_params = self.unet.init(k_unet, x, t, context)['params']
-    return {'text_encoder': text_params, 'unet': unet_params}
+    return self.objective().init_fn(key)
 
   def loss_fn(self, params: dict, batch: dict, key: jax.Array):
-    x0 = batch['images']
-    k_t, k_noise = jax.random.split(key)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, self.schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = self.schedule.add_noise(x0, noise, t)
-    context = self.text.apply({'params': params['text_encoder']}, batch['input_ids']).last_hidden_state
-    eps = self.unet.apply({'params': params['unet']}, x_t, t, context)
-    return jnp.mean((eps - noise) ** 2), {}
+    return self.objective().loss_fn(params, batch, key)
 
   def batch_fn(self, step: int) -> dict:
     """The global batch of step `step`, a function of (seed, step) alone (the Trainer feeds each

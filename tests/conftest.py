@@ -1,8 +1,14 @@
-"""Shared test settings: parity tests need full-precision matmuls (TPU/GPU default to bf16 passes)."""
+"""Shared test settings: parity tests need full-precision matmuls (TPU/GPU default to bf16 passes);
+several workers may load libtpu to compile for TPU topologies."""
+
+import os
 
 import jax
 import pytest
 
+# libtpu (the [tpu] extra) takes a lockfile meant for a process that owns a real TPU; the tests
+# only compile for TPU topologies, in several pytest workers at once.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 

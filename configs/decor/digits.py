@@ -22,7 +22,7 @@ Arguments: `tiny` (the test setting: a few steps and samples).
 import ml_collections
 
 from diffgeo_jax.digits import dataset
-from diffgeo_jax.training import trainer
+from diffgeo_jax.training import precision, trainer
 
 
 def get_config(arg=None):
@@ -47,6 +47,9 @@ def get_config(arg=None):
   config.decor = ml_collections.ConfigDict(dict(undesired='a digit three', rank=2,
                                                 train_strength=0.0))
 
+  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
+  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
+  config.model = precision.default_model_config()
   config.train = trainer.default_train_config()
   config.train.num_steps = 1500
   config.train.batch_size = 4

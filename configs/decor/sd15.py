@@ -19,7 +19,7 @@ crops; crop them beforehand). Settings: LoRA rank 4 (alpha 4) on the UNet attent
 
 import ml_collections
 
-from diffgeo_jax.training import trainer
+from diffgeo_jax.training import precision, trainer
 
 
 def get_config(arg=None):
@@ -39,6 +39,9 @@ def get_config(arg=None):
                                                targets=r'(attn1|attn2)/to_(q|k|v|out_0)$'))
   config.decor = ml_collections.ConfigDict(dict(undesired='a dog', rank=0, train_strength=0.0))
 
+  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
+  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
+  config.model = precision.default_model_config()
   config.train = trainer.default_train_config()
   config.train.num_steps = 500
   config.train.batch_size = 4

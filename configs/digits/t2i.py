@@ -10,7 +10,7 @@ The shipped model (`diffgeo_jax/digits/pipeline/`) is this config's output, expo
 import ml_collections
 
 from diffgeo_jax.digits import tokenizer
-from diffgeo_jax.training import trainer
+from diffgeo_jax.training import precision, trainer
 
 
 def get_config(arg=None):
@@ -37,6 +37,9 @@ def get_config(arg=None):
       set_alpha_to_one=False, clip_sample=False))
   config.data = ml_collections.ConfigDict(dict(split_seed=0, empty_caption_prob=0.1))
 
+  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
+  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
+  config.model = precision.default_model_config()
   config.train = trainer.default_train_config()
   config.train.num_steps = 6000
   config.train.batch_size = 64

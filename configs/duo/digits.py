@@ -26,7 +26,7 @@ under a minute).
 import ml_collections
 
 from diffgeo_jax.digits import dataset
-from diffgeo_jax.training import trainer
+from diffgeo_jax.training import precision, trainer
 
 
 def prompts_for(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -65,6 +65,9 @@ def get_config(arg=None):
                                                           batch_size=4))
   config.mesh = ml_collections.ConfigDict(dict(model=1))  # > 1: FSDP over the 'model' axis
 
+  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
+  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
+  config.model = precision.default_model_config()
   config.train = trainer.default_train_config()
   config.train.num_steps = 1000
   config.train.batch_size = 4

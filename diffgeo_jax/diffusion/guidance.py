@@ -60,15 +60,17 @@ def classifier_free(model_fn: ModelFn, x: jax.Array, t, cond: jax.Array, uncond:
   """Classifier-free guided prediction at (x, t), with ONE batched call of `model_fn`.
 
   x (B, ...); t scalar or (B,); cond, uncond (B, L, D) text embeddings (or any per-sample
-  context). `scale` and `rescale` may be traced. Returns (B, ...)."""
+  context: a pytree of (B, ...) leaves, e.g. SDXL's dict with text_embeds and time_ids). `scale` and `rescale` may be traced. Returns (B, ...)."""
   batch = x.shape[0]
   for name, c in (('cond', cond), ('uncond', uncond)):
-    if c.shape[0] != batch:
-      raise ValueError(f'{name} must have batch size {batch} (that of x), got shape {c.shape}')
-  if cond.shape != uncond.shape:
-    raise ValueError(f'cond and uncond must have the same shape, got {cond.shape} and '
-                     f'{uncond.shape}')
-  out = model_fn(_pair(x, x), _duplicate_t(t, batch), _pair(uncond, cond))
+    shapes = [leaf.shape for leaf in jax.tree.leaves(c)]
+    if any(s[0] != batch for s in shapes):
+      raise ValueError(f'{name} must have batch size {batch} (that of x), got shape(s) {shapes}')
+  if jax.tree.structure(cond) != jax.tree.structure(uncond) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(cond), jax.tree.leaves(uncond))):
+    raise ValueError(f'cond and uncond must have the same shape, got '
+                     f'{jax.tree.map(jnp.shape, cond)} and {jax.tree.map(jnp.shape, uncond)}')
+  out = model_fn(_pair(x, x), _duplicate_t(t, batch), jax.tree.map(_pair, uncond, cond))
   out = out.reshape((batch, 2) + out.shape[1:])
   out_uncond, out_cond = out[:, 0], out[:, 1]
   # The lerp form is exact at both ends: scale 1 gives cond, scale 0 gives uncond, bit for bit.

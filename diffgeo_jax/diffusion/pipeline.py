@@ -191,6 +191,23 @@ def decode(pipe, x0) -> jax.Array:
   return flat.reshape(*x0.shape[:-3], *flat.shape[1:])
 
 
+def sampling_eps_fn(unet, unet_params, s, cond, uncond, scale, rescale=0.0, *, guided=True,
+                    upsample=None, cond_late=None, switch_t=None):
+  """eps_fn(x, t) the samplers call at every step: the UNet under classifier-free guidance
+  (`guided`), upsample guidance (`upsample`) or the prompt switch at `switch_t` to `cond_late`.
+  One step of `text_to_image` is one call of it (`diffgeo_jax.aot` compiles it alone)."""
+  model_fn = lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
+  if cond_late is not None:
+    return chromatography.prompt_switch_eps_fn(
+        model_fn, cond, cond_late, switch_t, uncond=uncond if guided else None, scale=scale,
+        rescale=rescale)
+  if upsample is not None:
+    return upsample.eps_fn(model_fn, s, cond, uncond if guided else None, scale, rescale)
+  if guided:
+    return guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale)
+  return lambda x, t: model_fn(x, t, cond)
+
+
 @functools.lru_cache(maxsize=32)
 def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
                return_trajectory, upsample=None, switched=False, mesh=None):
@@ -201,18 +218,9 @@ def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, gu
 
   def generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key,
                cond_late=None, switch_t=None):
-    model_fn = lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
-    rescale = rescale if rescaled else 0.0
-    if switched:
-      eps_fn = chromatography.prompt_switch_eps_fn(
-          model_fn, cond, cond_late, switch_t, uncond=uncond if guided else None, scale=scale,
-          rescale=rescale)
-    elif upsample is not None:
-      eps_fn = upsample.eps_fn(model_fn, s, cond, uncond if guided else None, scale, rescale)
-    elif guided:
-      eps_fn = guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale)
-    else:
-      eps_fn = lambda x, t: model_fn(x, t, cond)
+    eps_fn = sampling_eps_fn(unet, unet_params, s, cond, uncond, scale,
+                             rescale if rescaled else 0.0, guided=guided, upsample=upsample,
+                             cond_late=cond_late if switched else None, switch_t=switch_t)
     out = samplers.sample(sampler, eps_fn, x_start, s, num_steps, key=key, eta=eta,
                           return_trajectory=return_trajectory, first_step=first_step)
     x0, traj = out if return_trajectory else (out, None)

@@ -27,6 +27,21 @@ TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
 BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 
 
+def interp(x, xp, fp) -> jax.Array:
+  """`jnp.interp(x, xp, fp)` (xp increasing; constant beyond the ends) without a loop: the
+  interval comes from comparing x with every xp (`searchsorted(method='compare_all')`, T = 1000
+  comparisons) instead of jnp.interp's bisection `while` loop. Inside a sampler's step loop that
+  nested `while` made an index XLA:GPU's dynamic-slice pass cannot evaluate (FAILED_PRECONDITION
+  "Failed to evaluate instruction (min.4) since it depends on infeed or parameters", openxla/xla
+  #49299: launch/train_duo.py on an H100), and serialised ~10 tiny steps per lookup on any chip."""
+  x = jnp.asarray(x)
+  i = jnp.clip(jnp.searchsorted(xp, x, side='right', method='compare_all'), 1, xp.shape[0] - 1)
+  dx = xp[i] - xp[i - 1]
+  f = fp[i - 1] + (x - xp[i - 1]) / jnp.where(dx == 0, 1, dx) * (fp[i] - fp[i - 1])
+  f = jnp.where(dx == 0, fp[i], f)
+  return jnp.where(x < xp[0], fp[0], jnp.where(x > xp[-1], fp[-1], f))
+
+
 @flax.struct.dataclass
 class NoiseSchedule:
   betas: jax.Array  # (T,) float32
@@ -59,7 +74,7 @@ class NoiseSchedule:
   def log_snr_at(self, t) -> jax.Array:
     """log-SNR at (float) timesteps t, linear in t between integers; t is clipped to [0, T-1]."""
     t = jnp.asarray(t, jnp.float32)
-    return jnp.interp(t, jnp.arange(self.num_train_timesteps, dtype=jnp.float32), self.log_snr)
+    return interp(t, jnp.arange(self.num_train_timesteps, dtype=jnp.float32), self.log_snr)
 
   def alpha_cumprod_at(self, t) -> jax.Array:
     """alpha_bar at (float) timesteps t: the table value at integers (bit for bit, as diffusers
@@ -72,7 +87,7 @@ class NoiseSchedule:
     """Inverse of `log_snr_at`: the float timestep with that log-SNR (clipped to [0, T-1])."""
     # log-SNR decreases with t; interp needs increasing x.
     ts = jnp.arange(self.num_train_timesteps, dtype=jnp.float32)
-    return jnp.interp(jnp.asarray(log_snr, jnp.float32), self.log_snr[::-1], ts[::-1])
+    return interp(jnp.asarray(log_snr, jnp.float32), self.log_snr[::-1], ts[::-1])
 
   def add_noise(self, x0, noise, t) -> jax.Array:
     """q(x_t | x_0) sample with the given noise; t scalar or (B,) (integers or floats)."""

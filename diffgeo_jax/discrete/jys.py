@@ -181,6 +181,13 @@ def _passes_fn(denoiser, process, max_rows, mesh=None):
     out = spread(distributed.shard_batch(mesh, t), *distributed.replicate(mesh, (x0, noise)))
     return jax.tree.map(lambda a: a[:k], distributed.to_host(out))
 
+  def lower(x0, noise, t):
+    """The sharded grid pass lowered for abstract arguments (t's length a multiple of the
+    `data` axis), for ahead-of-time compilation (`diffgeo_jax.aot`)."""
+    return spread.lower(distributed.abstract(t, distributed.batch_sharding(mesh)),
+                        *distributed.abstract((x0, noise), distributed.replicated(mesh)))
+
+  call.lower = lower
   return call
 
 

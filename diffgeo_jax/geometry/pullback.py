@@ -197,10 +197,17 @@ def unet_h_fn(unet, params, t, context, *, added_cond_kwargs=None) -> HFn:
 
   unet: a `models.UNet2DConditionModel`; params its parameter tree (without {'params': ...}).
   t: the timestep, int or float (fractional timesteps are fine: the official code evaluates the
-  U-Net at float t such as 988.9). context: (L, D) text embedding of this sample, or (1, L, D).
+  U-Net at float t such as 988.9). context: (L, D) text embedding of this sample, or (1, L, D),
+  or SDXL's dict {'context': (L, D), 'text_embeds': (P,), 'time_ids': (6,)}.
   added_cond_kwargs: SDXL's extra conditioning, batched with batch 1, if the U-Net needs it.
   The returned h_fn maps x (H, W, C) -> h (H / 2**(n-1), W / 2**(n-1), C_mid), no batch axis.
   """
+  if isinstance(context, dict):  # SDXL's conditioning dict of one sample (see models.unet)
+    if added_cond_kwargs is not None:
+      raise ValueError('give the added conditioning in the context dict or as added_cond_kwargs')
+    added_cond_kwargs = {k: jnp.asarray(v).reshape((1, -1)) for k, v in context.items()
+                         if k != 'context'}
+    context = context['context']
   context = jnp.asarray(context)
   if context.ndim == 2:
     context = context[None]
@@ -218,3 +225,19 @@ def unet_h_fn(unet, params, t, context, *, added_cond_kwargs=None) -> HFn:
 
   return h_fn
 
+
+
+def unet_bases_fn(unet, mesh=None, *, num_vectors: int, num_iters: int,
+                  chunk_size: int | None = None, tol: float = 1e-3):
+  """(x_t (N, H, W, C), context (N, ...), key data (N, 2), t, unet params) -> the `LocalBasis` of
+  each sample's h-space Jacobian at timestep t, the N samples split over the `data` axis of `mesh`
+  (`distributed.data_parallel`: every process gets every basis; `.lower(...)` compiles it ahead
+  of time). t is traced: one executable serves every timestep. `launch/explore.py` runs it."""
+  from diffgeo_jax import distributed  # noqa: PLC0415 (the geometry core needs no mesh)
+
+  def one(x, ctx, key, t, params):
+    h_fn = unet_h_fn(unet, params, t, ctx)
+    return local_basis(h_fn, x, num_vectors, num_iters, jax.random.wrap_key_data(key),
+                       chunk_size=chunk_size, tol=tol)
+  return distributed.data_parallel(jax.vmap(one, in_axes=(0, 0, 0, None, None)), mesh,
+                                   num_batched=3)

@@ -132,10 +132,18 @@ class UNet2DConditionConfig:
 
 class UNet2DConditionModel(nn.Module):
   """diffusers `UNet2DConditionModel`, NHWC. `dtype` is the activation dtype (params stay float32);
-  `attention_impl` selects the attention kernel (see `attention.dot_product_attention`)."""
+  `attention_impl` selects the attention kernel (see `attention.dot_product_attention`); `remat`
+  rematerialises every resnet and transformer in the backward pass (`nn.remat`: activations of
+  one block at a time instead of the whole network, for about one more forward pass; the same
+  parameters and outputs).
+
+  `context` may also be a dict {'context': (B, L, D), 'text_embeds': ..., 'time_ids': ...}: the
+  whole conditioning of an SDXL UNet as one pytree, so code that batches, pairs or shards the
+  conditioning (guidance, losses) treats SD and SDXL alike."""
   config: UNet2DConditionConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = 'softmax'
+  remat: bool = False
 
   def setup(self):
     c = self.config
@@ -152,7 +160,7 @@ class UNet2DConditionModel(nn.Module):
                   resnet_groups=c.norm_num_groups, resnet_time_scale_shift=c.resnet_time_scale_shift,
                   resnet_skip_time_act=c.resnet_skip_time_act,
                   use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention,
-                  attention_impl=self.attention_impl, dtype=self.dtype)
+                  attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype)
 
     self.conv_in = conv(boc[0], c.conv_in_kernel, self.dtype)
     self.time_embedding = TimestepEmbedding(time_embed_dim, act_fn=c.act_fn,
@@ -257,12 +265,29 @@ class UNet2DConditionModel(nn.Module):
 
   def hspace(self, x, t, context, added_cond_kwargs=None, timestep_cond=None):
     """The mid-block output (B, H / 2**(n-1), W / 2**(n-1), C_last); the up path is not run."""
+    context, added_cond_kwargs = split_conditioning(context, added_cond_kwargs)
     return self._down_mid(x, t, context, added_cond_kwargs, timestep_cond)[0].astype(x.dtype)
 
   def with_hspace(self, x, t, context, added_cond_kwargs=None, timestep_cond=None):
     """(eps, h) from one forward pass."""
+    context, added_cond_kwargs = split_conditioning(context, added_cond_kwargs)
     h, skips, emb, ctx = self._down_mid(x, t, context, added_cond_kwargs, timestep_cond)
     return self._up(h, skips, emb, ctx).astype(x.dtype), h.astype(x.dtype)
+
+
+def split_conditioning(context, added_cond_kwargs=None):
+  """(context array, added_cond_kwargs) from a conditioning that is an array or a dict holding
+  'context' and the added keys (see `UNet2DConditionModel`)."""
+  if not isinstance(context, Mapping):
+    return context, added_cond_kwargs
+  if 'context' not in context:
+    raise ValueError(f"a conditioning dict must hold 'context' (and SDXL's 'text_embeds', "
+                     f"'time_ids'), got keys {sorted(context)}")
+  if added_cond_kwargs is not None:
+    raise ValueError('pass the added conditioning either in the context dict or as '
+                     'added_cond_kwargs, not both')
+  added = {k: v for k, v in context.items() if k != 'context'}
+  return context['context'], (added or None)
 
 
 def dummy_inputs(config: UNet2DConditionConfig, batch: int = 1, size: int | None = None) -> tuple:

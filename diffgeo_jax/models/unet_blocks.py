@@ -31,10 +31,12 @@ class _BlockBase(nn.Module):
   only_cross_attention: bool = False
   upcast_attention: bool = False
   attention_impl: str = 'softmax'
+  remat: bool = False  # rematerialise each resnet and transformer in the backward pass
   dtype: Dtype = jnp.float32
 
   def _resnet(self, cin: int, cout: int) -> ResnetBlock2D:
-    return ResnetBlock2D(cin, cout, temb_channels=self.temb_channels, groups=self.resnet_groups,
+    cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+    return cls(cin, cout, temb_channels=self.temb_channels, groups=self.resnet_groups,
                          eps=self.resnet_eps, act_fn=self.resnet_act_fn,
                          output_scale_factor=self.output_scale_factor,
                          time_embedding_norm=self.resnet_time_scale_shift,
@@ -42,7 +44,8 @@ class _BlockBase(nn.Module):
 
   def _transformer(self, channels: int) -> Transformer2DModel:
     heads = self.num_attention_heads
-    return Transformer2DModel(heads, channels // heads, channels, num_layers=self.transformer_layers,
+    cls = nn.remat(Transformer2DModel) if self.remat else Transformer2DModel
+    return cls(heads, channels // heads, channels, num_layers=self.transformer_layers,
                               cross_attention_dim=self.cross_attention_dim,
                               norm_num_groups=self.resnet_groups,
                               use_linear_projection=self.use_linear_projection,

@@ -80,7 +80,7 @@ def duo_loss(eps_fn: EpsFn, params, lora_params, batch: dict, key: jax.Array,
 
   eps_fn(params, x_t, t (N,), context) -> eps (N, ...): the model (a UNet's apply).
   batch: 'positive' (B, ...) safe images (x+), 'negative' (B, ...) unsafe images (x-), 'context'
-  (B, ...) the text conditioning of every branch (the official code: the empty prompt);
+  (B, ...) the text conditioning of every branch (or a pytree of such leaves: SDXL's dict) (the official code: the empty prompt);
   optionally 'retain' (R, ...) and 'retain_context' (R, ...) for the retain term (used when
   retain_weight > 0; its draws come from fold_in(key, 2), so the DUO draws do not move).
   Timesteps: independent per sample of the pair in {t_min - 1, ..., min(t_max, T) - 1}.
@@ -105,21 +105,23 @@ def duo_loss(eps_fn: EpsFn, params, lora_params, batch: dict, key: jax.Array,
                          schedule.add_noise(x_neg, eps, t_pair[b:]),
                          eps])  # the prior branch: pure noise at t = T - 1
   t_all = jnp.concatenate([t_pair, jnp.full((b,), num_t - 1, t_pair.dtype)])
-  ctx_all = jnp.concatenate([ctx, ctx, ctx])
+  cat = lambda *trees: jax.tree.map(lambda *a: jnp.concatenate(a), *trees)  # ctx may be a pytree
+  ctx_all = cat(ctx, ctx, ctx)
   retain = retain_weight > 0
   if retain:
     if 'retain' not in batch or 'retain_context' not in batch:
       raise ValueError('retain_weight > 0 needs batch keys retain and retain_context')
     x_r, c_r = batch['retain'], batch['retain_context']
-    if x_r.shape[1:] != x_pos.shape[1:] or c_r.shape[0] != x_r.shape[0]:
+    if x_r.shape[1:] != x_pos.shape[1:] or any(c.shape[0] != x_r.shape[0]
+                                                for c in jax.tree.leaves(c_r)):
       raise ValueError(f'batch retain must be (R,) + {x_pos.shape[1:]} with retain_context '
-                       f'(R, ...), got {x_r.shape} and {c_r.shape}')
+                       f'(R, ...), got {x_r.shape} and {jax.tree.map(jnp.shape, c_r)}')
     k_rn, k_rt = jax.random.split(jax.random.fold_in(key, 2))
     t_r = jax.random.randint(k_rt, (x_r.shape[0],), 0, num_t)
     x_t = jnp.concatenate([x_t, schedule.add_noise(
         x_r, jax.random.normal(k_rn, x_r.shape, eps.dtype), t_r)])
     t_all = jnp.concatenate([t_all, t_r.astype(t_all.dtype)])
-    ctx_all = jnp.concatenate([ctx_all, c_r.astype(ctx_all.dtype)])
+    ctx_all = cat(ctx_all, jax.tree.map(lambda c, a: c.astype(a.dtype), c_r, ctx_all))
   with jax.default_matmul_precision(matmul_precision):
     policy = eps_fn(lora.merge(params, lora_params, lora_scale), x_t, t_all, ctx_all)
     reference = jax.lax.stop_gradient(eps_fn(params, x_t, t_all, ctx_all))

@@ -208,6 +208,16 @@ class Trainer:
     return jax.jit(step, in_shardings=ins,
                    out_shardings=(shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
+  def lower(self, batch: Any):
+    """The compiled step lowered for abstract inputs (`batch`: the global batch as
+    `jax.ShapeDtypeStruct`s; the state and key come from `init_fn` by `jax.eval_shape`, the frozen
+    parameters may be ShapeDtypeStructs): ahead-of-time compilation for another platform
+    (`diffgeo_jax.aot`) without making or loading any weights."""
+    state = jax.eval_shape(self._init_state, jax.random.key(0))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    frozen = () if self.frozen is None else (self.frozen,)
+    return self.compiled_step().lower(state, batch, key, *frozen)
+
   def _check_config(self, manager: ocp.CheckpointManager) -> None:
     path = self.workdir / 'config.json'
     if manager.latest_step() is not None and path.exists():

@@ -3,6 +3,7 @@
 import math
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,3 +110,23 @@ class FloatTimestepTest(parameterized.TestCase):
     # Away from the 0.999 beta cap, alpha_bar_t = f((t+1)/T) / f(0).
     for t in (0, 100, 500, 900):
       np.testing.assert_allclose(float(s.alphas_cumprod[t]), f((t + 1) / 1000) / f(0), rtol=1e-4)
+
+
+def test_interp_equals_jnp_interp_without_a_loop():
+  """schedules.interp: jnp.interp's values (ends included) with no `while` in the program; the
+  bisection loop jnp.interp nests in every sampler step failed XLA:GPU's dynamic-slice pass
+  (openxla/xla#49299) when launch/train_duo.py ran on an H100."""
+  rng = np.random.default_rng(0)
+  xp = jnp.arange(1000, dtype=jnp.float32)
+  fp = jnp.asarray(rng.normal(size=1000).cumsum(), jnp.float32)
+  x = jnp.asarray(np.concatenate([rng.uniform(-5, 1005, 4096), [0.0, 999.0, 3.0, 3.5]]),
+                  jnp.float32)
+  got, want = schedules.interp(x, xp, fp), jnp.interp(x, xp, fp)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(fp))))
+  assert 'while' not in jax.jit(lambda t: schedules.interp(t, xp, fp)).lower(x[0]).as_text()
+  # A DDIM loop over fractional timesteps: its only loop is the steps' own.
+  s = schedules.linear()
+  step = lambda x, t: x * jnp.sqrt(s.alpha_cumprod_at(t))
+  hlo = jax.jit(lambda x: jax.lax.fori_loop(
+      0, 5, lambda i, x: step(x, 10.5 * i.astype(jnp.float32)), x)).lower(jnp.ones(3)).as_text()
+  assert hlo.count('stablehlo.while') == 1

@@ -98,10 +98,11 @@ _LOSS = textwrap.dedent('''
     assert np.allclose(job.references[..., 2], 0) and np.allclose(
         job.references[..., 1], 0.5 * job.references[..., 0])
     # The loss at a random LoRA = the hand-computed weighted denoising error.
-    lp = job.init_fn(jax.random.key(0))
+    objective = job.objective()
+    lp = objective.init_fn(jax.random.key(0))
     lp = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(1), a.shape), lp)
     key = jax.random.key(5)
-    loss, m = job.loss_fn(lp, {{k: jnp.asarray(v) for k, v in batch.items()}}, key,
+    loss, m = objective.loss_fn(lp, {{k: jnp.asarray(v) for k, v in batch.items()}}, key,
                           job.pipe.unet_params)
     k_t, k_eps = jax.random.split(key)
     t = jax.random.randint(k_t, (4,), 0, job.schedule.num_train_timesteps)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffgeo_jax.models import attention
+from tests import report
 
 
 def numpy_attention(q, k, v, scale, mask=None):
@@ -143,3 +144,62 @@ def test_mask_and_jax_impl(qkv):
   np.testing.assert_allclose(out_jax, numpy_attention(q, k, v, 0.3), atol=2e-6)
   with pytest.raises(ValueError, match='attention_impl must be one of'):
     attention.dot_product_attention(q, k, v, scale=0.3, impl='flash')
+
+
+class FlashAttentionTest(chex.TestCase):
+  """impl='flash': the Pallas TPU kernel, run here by Pallas's TPU interpreter (numbers), and
+  compiled by libtpu for a v5e chip (memory), against the softmax path."""
+
+  def _qkv(self, lq=256, lk=256, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(kq, (2, lq, 2, 40), dtype), jax.random.normal(kk, (2, lk, 2, 40), dtype),
+            jax.random.normal(kv, (2, lk, 2, 40), dtype))
+
+  def test_flash_equals_softmax_with_gradients_in_the_tpu_interpreter(self):
+    from jax.experimental.pallas import tpu as pltpu
+    q, k, v = self._qkv()
+    scale = 40 ** -0.5
+
+    def loss(impl, q, k, v):
+      out = attention.dot_product_attention(q, k, v, scale=scale, impl=impl)
+      return jnp.sum(out * jnp.cos(out)), out
+    want, want_out = loss('softmax', q, k, v)
+    want_g = jax.grad(lambda *a: loss('softmax', *a)[0], argnums=(0, 1, 2))(q, k, v)
+    with attention.compiling_for('tpu'), pltpu.force_tpu_interpret_mode():
+      got, got_out = loss('flash', q, k, v)
+      got_g = jax.grad(lambda *a: loss('flash', *a)[0], argnums=(0, 1, 2))(q, k, v)
+      jaxpr = str(jax.make_jaxpr(lambda *a: loss('flash', *a))(q, k, v))
+    assert 'pallas_call' in jaxpr  # the kernel ran, not the fallback
+    err = float(jnp.max(jnp.abs(got_out - want_out)))
+    grad_err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got_g, want_g))
+    report.record('flash attention (TPU interpreter) vs softmax max abs error', err)
+    report.record('flash attention gradient max error relative to scale', grad_err)
+    assert err < 1e-5 and grad_err < 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  def test_flash_falls_back_where_the_kernel_does_not_apply(self):
+    q, k, v = self._qkv(lq=256, lk=77)  # cross-attention to 77 tokens: not a multiple of 128
+    want = attention.dot_product_attention(q, k, v, scale=0.1)
+    with attention.compiling_for('tpu'):
+      jaxpr = str(jax.make_jaxpr(lambda *a: attention.dot_product_attention(
+          *a, scale=0.1, impl='flash'))(q, k, v))
+    assert 'pallas_call' not in jaxpr
+    chex.assert_trees_all_equal(attention.dot_product_attention(q, k, v, scale=0.1, impl='flash'),
+                                want)  # and off TPU always
+
+  def test_flash_holds_no_scores_on_a_v5e_chip(self):
+    pytest.importorskip('libtpu', reason='libtpu (pip install .[tpu]) compiles for TPU')
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from diffgeo_jax import distributed
+    from diffgeo_jax.aot import analysis, chips
+    mesh = distributed.make_mesh(devices=chips.topology_devices('v5e:1x1'))
+    s = jax.ShapeDtypeStruct((2, 4096, 8, 40), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    temp = {}
+    for impl in ('softmax', 'flash'):
+      f = lambda q, k, v: attention.dot_product_attention(q, k, v, scale=40 ** -0.5, impl=impl)
+      r = analysis.compile_program(lambda: jax.jit(f).lower(s, s, s), chips.CHIPS['v5e'])
+      assert r['compiled'], r.get('error')
+      temp[impl] = r['hbm_bytes']['temp']
+    report.record('SD-1.5 64x64 self-attention temp bytes on v5e (softmax, flash)', str(temp))
+    assert temp['softmax'] >= 2 * 4096 * 4096 * 8 * 4  # the (B, H, Lq, Lk) float32 scores
+    assert temp['flash'] < temp['softmax'] / 100

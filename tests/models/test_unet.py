@@ -144,3 +144,41 @@ class ConfigTest(parameterized.TestCase):
     d = dict(oracles.UNET_CONFIGS['sd1'], **override)
     with pytest.raises(config_utils.ConfigError, match=key):
       unet.UNet2DConditionConfig.from_dict(d, source='bad.json')
+
+
+class RematAndConditioningTest(chex.TestCase):
+  """`remat=True` changes memory, not maths; SDXL's conditioning as one dict equals the
+  added_cond_kwargs call."""
+
+  def test_remat_gives_the_same_parameters_outputs_and_gradients(self, name='sd1'):
+    model, params = oracles.flax_unet(name)
+    x, t, context, added = oracles.unet_inputs(name)
+    remat = model.clone(remat=True)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        remat.init(jax.random.key(0), x, t, context, added)['params'], params)
+
+    def loss(p, m):
+      return jnp.sum(m.apply({'params': p}, x, t, context, added) ** 2)
+    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model)
+    value_r, grads_r = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    # The recomputed forward may fuse differently: float32 rounding, relative to each leaf's scale.
+    err = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))),
+                       grads_r, grads)
+    worst = max(jax.tree.leaves(err))
+    assert worst < 1e-5, worst
+    report.record(f'unet {name} remat gradient max error relative to each leaf max', worst)
+
+  def test_sdxl_conditioning_dict_equals_added_cond_kwargs(self):
+    model, params = oracles.flax_unet('sdxl')
+    x, t, context, added = oracles.unet_inputs('sdxl')
+    want = model.apply({'params': params}, x, t, context, added)
+    got = model.apply({'params': params}, x, t, {'context': context, **added})
+    chex.assert_trees_all_equal(got, want)
+    h = model.apply({'params': params}, x, t, {'context': context, **added}, method='hspace')
+    chex.assert_trees_all_equal(h, model.apply({'params': params}, x, t, context, added,
+                                               method='hspace'))
+    with pytest.raises(ValueError, match="must hold 'context'"):
+      model.apply({'params': params}, x, t, dict(added))
+    with pytest.raises(ValueError, match='not both'):
+      model.apply({'params': params}, x, t, {'context': context, **added}, added)
