@@ -14,7 +14,8 @@ training batch needs it), lowers it on abstract inputs (`jax.eval_shape`: no wei
 it with libtpu and reads `memory_analysis()` and `cost_analysis()`.
 
 Writes to --workdir (local or gs://): `results.json` (metrics.programs: one record per program,
-see `aot.analysis`; metrics.chips: the peak/bandwidth table used) and `table.md`.
+see `aot.analysis`; metrics.chips: the peak/bandwidth table used), `table.md`, and while it runs
+`programs_so_far.json` (an SD-scale program takes minutes to compile on a few cores).
 A program the compiler rejects is recorded with its error (out-of-memory as `fits: false` with the
 compiler's figure) and the run goes on.
 """
@@ -76,7 +77,8 @@ def combinations(config) -> list[tuple]:
   return out
 
 
-def compile_all(config) -> list[dict]:
+def compile_all(config, on_record=lambda records: None) -> list[dict]:
+  """Every combination's records; `on_record(records)` after each (long runs keep what is done)."""
   records = []
   todo = combinations(config)
   for i, (topology, model, job, dtype, remat, impl) in enumerate(todo):
@@ -105,6 +107,7 @@ def compile_all(config) -> list[dict]:
            'notes': p.notes, **analysis.compile_program(p.lower, chip)}
       done[p.name] = r
       records.append(r)
+      on_record(records)
       logging.info('  %s', summary_line(r))
     step, loop = done.get('cfg_step', {}), done.get('loop', {})
     if step.get('compiled') and loop.get('compiled'):
@@ -162,7 +165,7 @@ def main(argv):
     raise RuntimeError("libtpu is not installed: pip install -e '.[tpu]' (the jax[tpu] extra "
                        'matching the installed jax)')
   with run.timed('compile'):
-    records = compile_all(config)
+    records = compile_all(config, lambda rs: run.write_json('programs_so_far.json', rs))
   run.write_text('table.md', table(records))
   run.finish({'programs': records,
               'chips': {k: dataclasses.asdict(v) for k, v in chips.CHIPS.items()},

@@ -40,6 +40,7 @@ from diffgeo_jax import distributed
 from diffgeo_jax.aot import shapes
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.geometry import pullback
+from diffgeo_jax.models import attention
 from diffgeo_jax.training import dreambooth, precision, sharding, text_to_image, trainer
 from diffgeo_jax.unlearning import duo
 
@@ -112,7 +113,8 @@ def sample(m: shapes.AbstractModel, devices, c) -> list[Program]:
   s = schedules.from_diffusers_config(m.scheduler_config)
 
   def step(params, x_t, t, cond, uncond, scale):
-    return pipeline.sampling_eps_fn(unet, params, s, cond, uncond, scale)(x_t, t)
+    with attention.partitioned(mesh):  # as the sampler loop (pipeline._generator)
+      return pipeline.sampling_eps_fn(unet, params, s, cond, uncond, scale)(x_t, t)
 
   def lower_step():
     return jax.jit(step, out_shardings=bat).lower(unet_params, x, scalar, cond, cond, scalar)

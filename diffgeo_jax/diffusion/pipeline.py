@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 
 from diffgeo_jax import distributed
 from diffgeo_jax.diffusion import chromatography, guidance, samplers, schedules
+from diffgeo_jax.models import attention
 from diffgeo_jax.text import decor as decor_lib
 
 
@@ -216,8 +217,12 @@ def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, gu
   # Built outside the trace: samplers read the schedule with numpy to lay out their grids.
   s = _schedule(schedule_json)
 
-  def generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key,
-               cond_late=None, switch_t=None):
+  def generate(*args):
+    with attention.partitioned(mesh):  # Pallas kernels (flash attention) per device
+      return _generate(*args)
+
+  def _generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key,
+                cond_late=None, switch_t=None):
     eps_fn = sampling_eps_fn(unet, unet_params, s, cond, uncond, scale,
                              rescale if rescaled else 0.0, guided=guided, upsample=upsample,
                              cond_late=cond_late if switched else None, switch_t=switch_t)

@@ -5,8 +5,8 @@ plain einsum/softmax that supports forward- and reverse-mode AD everywhere (the 
 work runs `jax.jvp` through the whole UNet); `impl='jax'` hands the same computation to
 `jax.nn.dot_product_attention`, which can pick a fused kernel (cuDNN) on GPU. `impl='flash'` is
 for TPUs: the Pallas flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`)
-for attention maps whose query and key lengths are multiples of 128 (SD's self-attention), the
-softmax path elsewhere and off TPU. It never holds the (Lq, Lk) scores: on the TPU compiler an
+for attention maps whose query and key lengths are multiples of 128 and heads at most 128 wide
+(or a multiple of 128) (SD's self-attention), the softmax path elsewhere and off TPU. It never holds the (Lq, Lk) scores: on the TPU compiler an
 SD-1.5 64x64 self-attention (batch 2, bf16) holds 0 bytes of temporaries instead of 1 GiB and
 reads 0.15 GB instead of 3.3 GB (BENCHMARKS.md). It has a reverse-mode derivative (training) but
 no forward-mode one: the latent-geometry code (jvp, linearize) keeps 'softmax'.
@@ -60,6 +60,20 @@ ACCELERATOR_SCORES_PER_CHUNK = 2 ** 28
 
 
 _TARGET_PLATFORM: str | None = None
+_MESH = None  # the mesh a jitted program's batch is split over (see `partitioned`)
+
+
+@contextlib.contextmanager
+def partitioned(mesh):
+  """While a program over `mesh` is traced (the trainer's step, the pipeline's sampler): a Pallas
+  kernel cannot be partitioned by XLA, so the flash path runs it per device under `shard_map`,
+  the batch split over the mesh's 'data' axis. None (or one device): called directly."""
+  global _MESH
+  previous, _MESH = _MESH, mesh
+  try:
+    yield
+  finally:
+    _MESH = previous
 
 
 @contextlib.contextmanager
@@ -89,8 +103,11 @@ FLASH_BLOCK = 128  # the TPU kernel's tile along the sequences
 
 
 def _flash_applies(q, k, mask) -> bool:
+  """The kernel's limits: sequence lengths in whole tiles, a head dimension of at most 128 or a
+  multiple of it (SD-1.5's 160-wide heads at 16x16 keep the softmax path: 256 tokens)."""
+  d = q.shape[-1]
   return (_platform() == 'tpu' and mask is None and q.shape[1] % FLASH_BLOCK == 0
-          and k.shape[1] % FLASH_BLOCK == 0)
+          and k.shape[1] % FLASH_BLOCK == 0 and (d <= 128 or d % 128 == 0))
 
 
 def _flash_attention(q, k, v, scale):
@@ -101,9 +118,20 @@ def _flash_attention(q, k, v, scale):
   # A 'highest' matmul precision (DUO's loss sets it, for float32) asks Mosaic for float32 passes
   # on bf16 tiles, which it refuses; for bf16 operands the precision means nothing anyway.
   narrow = jnp.finfo(q.dtype).bits < 32
-  with jax.default_matmul_precision('default') if narrow else contextlib.nullcontext():
-    out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), sm_scale=scale)
-  return heads_first(out).astype(q.dtype)
+
+  def kernel(q, k, v):
+    with jax.default_matmul_precision('default') if narrow else contextlib.nullcontext():
+      out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), sm_scale=scale)
+    return heads_first(out).astype(q.dtype)
+
+  mesh = _MESH
+  if mesh is None or mesh.devices.size == 1:
+    return kernel(q, k, v)
+  if q.shape[0] % mesh.shape['data']:
+    return _attention(q, k, v, scale, True)  # a batch the data axis does not split
+  spec = jax.sharding.PartitionSpec('data')
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def score_budget(lk: int) -> int:

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from diffgeo_jax import distributed, paths
+from diffgeo_jax.models import attention
 from diffgeo_jax.training import sharding, summary
 
 # Fields that may change between a run and its resumption (how long and how it reports, not what
@@ -201,7 +202,11 @@ class Trainer:
   def _build_step(self):
     shardings = self.state_shardings()
     with_frozen = self.frozen is not None
-    step = make_train_step(self.loss_fn, self.tx, self.c.ema_decay, with_frozen)
+    inner = make_train_step(self.loss_fn, self.tx, self.c.ema_decay, with_frozen)
+
+    def step(*args):
+      with attention.partitioned(self.mesh):  # Pallas kernels (flash attention) per device
+        return inner(*args)
     ins = (shardings, sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh))
     if with_frozen:
       ins = ins + (self.frozen_shardings(),)

@@ -127,3 +127,19 @@ def test_the_sampling_step_holds_its_replicated_parameters_and_its_rows(tiny_res
     assert loop['has_while_loop'] and not r['has_while_loop']
     assert loop['flops_per_call_estimate'] == pytest.approx(
         loop['flops_per_chip'] + (loop['steps_per_call'] - 1) * r['flops_per_chip'])
+
+
+@pytest.mark.parametrize('topology, chips_, devices, hosts, hbm_gib', [
+    ('v5e:1x1', 1, 1, 1, 16), ('v5e:2x2', 4, 4, 1, 16), ('v5e:2x4', 8, 8, 1, 16),
+    ('v5e:4x4', 16, 16, 4, 16), ('v4:2x2x2', 8, 16, 2, 16), ('v5p:2x2x1', 4, 4, 1, 95),
+    ('v6e:2x4', 8, 8, 1, 32)])
+def test_topologies_as_cloud_tpu_slices(topology, chips_, devices, hosts, hbm_gib):
+  """Chips, JAX devices (v4: one per TensorCore, each half a chip) and hosts (v5e/v6e slices of
+  up to 8 chips are one VM) of the slices the tool compiles for."""
+  d = chips.topology_devices(topology)
+  assert chips.chip_count(topology) == chips_
+  assert len(d) == devices and len({x.process_index for x in d}) == hosts
+  chip = chips.per_device(chips.chip_of(topology), devices // chips_)
+  assert chip.hbm_bytes == hbm_gib * 2 ** 30
+  with pytest.raises(ValueError, match='topology'):
+    chips.chip_of('v9:2x2')
