@@ -110,18 +110,41 @@ def _flash_applies(q, k, mask) -> bool:
           and k.shape[1] % FLASH_BLOCK == 0 and (d <= 128 or d % 128 == 0))
 
 
+# A 'highest' matmul precision (DUO's loss sets it, for float32 passes) asks Mosaic for float32
+# passes on bf16 tiles, which it refuses ("Bad lhs type"); for bf16 operands it means nothing. The
+# kernels read the precision when they are traced, and the forward and backward kernels are traced
+# later than the call (transposition, and remat's recomputation), under whatever context is active
+# then: so both rules set it themselves.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _default_precision(fn, q, k, v):
+  with jax.default_matmul_precision('default'):
+    return fn(q, k, v)
+
+
+def _default_precision_fwd(fn, q, k, v):
+  with jax.default_matmul_precision('default'):
+    return jax.vjp(fn, q, k, v)
+
+
+def _default_precision_bwd(fn, vjp, g):
+  with jax.default_matmul_precision('default'):
+    return vjp(g)
+
+
+_default_precision.defvjp(_default_precision_fwd, _default_precision_bwd)
+
+
 def _flash_attention(q, k, v, scale):
   """The Pallas TPU flash-attention kernel on (B, L, H, D) arrays (it takes (B, H, L, D)); its
   softmax statistics are float32 whatever the input dtype."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # noqa: PLC0415 (TPU only)
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
-  # A 'highest' matmul precision (DUO's loss sets it, for float32) asks Mosaic for float32 passes
-  # on bf16 tiles, which it refuses; for bf16 operands the precision means nothing anyway.
-  narrow = jnp.finfo(q.dtype).bits < 32
+  flash = functools.partial(fa.flash_attention, sm_scale=scale)
+  if jnp.finfo(q.dtype).bits < 32:
+    flash = functools.partial(_default_precision, flash)
 
   def kernel(q, k, v):
-    with jax.default_matmul_precision('default') if narrow else contextlib.nullcontext():
-      out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), sm_scale=scale)
+    out = flash(heads_first(q), heads_first(k), heads_first(v))
     return heads_first(out).astype(q.dtype)
 
   mesh = _MESH
