@@ -7,8 +7,8 @@ FLOPs and a roofline bound (compiler estimates, not measured TPU times).
       --config.dtype=float32,bfloat16 --config.remat=false,true --config.attention=softmax,flash \
       --workdir=/tmp/aot
 
-For every combination of topology x model x job x dtype x remat x attention, `diffgeo_jax.aot.jobs` builds
-the jitted function the job's binary runs (from the same library code), with its production
+For every combination of topology x model x job x dtype x remat x attention,
+`diffgeo_jax.aot.jobs` builds the jitted function the job's binary runs (from the same library code), with its production
 shardings over the topology's devices (the `data` axis, and the FSDP `model` axis where a
 training batch needs it), lowers it on abstract inputs (`jax.eval_shape`: no weights), compiles
 it with libtpu and reads `memory_analysis()` and `cost_analysis()`.
@@ -134,25 +134,25 @@ def summary_line(r: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-  lines = ['| topology | model | job | program | dtype | remat | attention | mesh (data, model) | '
-           'compiled | HBM/chip GiB (args, temp) | fits | TFLOP/chip | GB/chip | roofline ms | '
-           'compile s |', '|' + '---|' * 15]
+  head = ['topology', 'model', 'job', 'program', 'dtype', 'remat', 'attention',
+          'mesh (data, model)', 'compiled', 'HBM/chip GiB (args, temp)', 'fits', 'TFLOP/chip',
+          'GB/chip', 'roofline ms', 'compile s']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in records:
-    mem = r.get('hbm_bytes', {})
-    mesh = r.get('mesh') or {}
-    ok = r.get('compiled')
-    lines.append(
-        f'| {r["topology"]} | {r["model"]} | {r["job"]} | {r.get("program")} | {r["dtype"]} | '
-        f'{"yes" if r["remat"] else "no"} | {r["attention"]} | {mesh.get("data", "-")}, '
-        f'{mesh.get("model", "-")} | {"yes" if ok else "no"} | {_gib(mem.get("total"))} ({_gib(mem.get("arguments"))}, '
-        f'{_gib(mem.get("temp"))}) | {"-" if "fits" not in r else ("yes" if r["fits"] else "**no**")} | '
-        f'{r["flops_per_chip"] / 1e12:.3f} | {r["bytes_accessed_per_chip"] / 1e9:.2f} | '
-        f'{r["roofline_seconds"] * 1e3:.2f} | {r.get("compile_seconds", "-")} |'
-        if ok else
-        f'| {r["topology"]} | {r["model"]} | {r["job"]} | {r.get("program")} | {r["dtype"]} | '
-        f'{"yes" if r["remat"] else "no"} | {r["attention"]} | {mesh.get("data", "-")}, '
-        f'{mesh.get("model", "-")} | no | {_gib(mem.get("total"))} | {"**no**" if "fits" in r else "-"} | - | - | - | '
-        f'{r.get("compile_seconds", "-")} |')
+    mem, mesh, ok = r.get('hbm_bytes', {}), r.get('mesh') or {}, r.get('compiled')
+    fits = '-' if 'fits' not in r else ('yes' if r['fits'] else '**no**')
+    cells = [r['topology'], r['model'], r['job'], r.get('program'), r['dtype'],
+             'yes' if r['remat'] else 'no', r['attention'],
+             f'{mesh.get("data", "-")}, {mesh.get("model", "-")}', 'yes' if ok else 'no',
+             f'{_gib(mem.get("total"))} ({_gib(mem.get("arguments"))}, {_gib(mem.get("temp"))})',
+             fits]
+    if ok:
+      cells += [f'{r["flops_per_chip"] / 1e12:.3f}', f'{r["bytes_accessed_per_chip"] / 1e9:.2f}',
+                f'{r["roofline_seconds"] * 1e3:.2f}']
+    else:
+      cells += ['-', '-', '-']
+    cells.append(r.get('compile_seconds', '-'))
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

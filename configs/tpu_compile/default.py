@@ -4,8 +4,9 @@ r"""Ahead-of-time TPU compilation of the library's jobs (launch/tpu_compile.py).
       --config.topology=v5e:2x4 --config.model=sd15 --config.job=duo --workdir=/tmp/aot
     python launch/tpu_compile.py --config=configs/tpu_compile/default.py:tiny --workdir=/tmp/t
 
-`topology`, `model`, `job`, `dtype`, `remat` and `attention` take comma-separated lists (every combination is
-compiled); `job=all` is every job. Models: tiny, digits, sd15, sd21, sdxl (shapes only, no weights).
+`topology`, `model`, `job`, `dtype`, `remat` and `attention` take comma-separated lists (every
+combination is compiled); `job=all` is every job. Models: tiny, digits, sd15, sd21, sdxl (shapes
+only, no weights).
 Topologies: '<chip>:<shape>' for chip v4, v5e, v5p, v6e (e.g. v5e:2x2, v5e:4x4, v4:2x2x2,
 v5p:2x2x1, v6e:2x4). The training jobs' settings are their binaries' configs (the paper's batch,
 LoRA rank and targets), per model: `duo.sd` is configs/duo/sd14.py, `lora.sd`

@@ -6,12 +6,12 @@ library code the binary calls (not a copy), with the binary's shardings over the
 
 | job       | program(s)                | the binary's code                                        |
 |-----------|---------------------------|----------------------------------------------------------|
-| sample    | cfg_step, loop            | `pipeline.sampling_eps_fn`; `pipeline._generator` (sample.py) |
+| sample    | cfg_step, loop            | `pipeline.sampling_eps_fn`, `pipeline._generator`       |
 | explore   | pullback_iteration        | `pullback.unet_bases_fn` (explore.py), k vectors, 1 iteration |
 | train_t2i | train_step                | `Trainer` + `text_to_image.Objective` (train_t2i.py)     |
 | duo       | train_step                | `Trainer` + `unlearning.duo.Objective` (train_duo.py)    |
 | lora      | train_step                | `Trainer` + `dreambooth.Objective` (train_lora.py)       |
-| jys       | grid_pass                 | `jys._passes_fn` (jys_search.py), the shipped Countdown denoiser |
+| jys       | grid_pass                 | `jys._passes_fn` (jys_search.py), shipped Countdown model |
 | goar      | retrain                   | `retrain._train_and_test_many` (goar.py)                 |
 
 Parameters and batches are `jax.ShapeDtypeStruct`s (no weights), except the JYS denoiser, which

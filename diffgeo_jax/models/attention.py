@@ -6,9 +6,10 @@ work runs `jax.jvp` through the whole UNet); `impl='jax'` hands the same computa
 `jax.nn.dot_product_attention`, which can pick a fused kernel (cuDNN) on GPU. `impl='flash'` is
 for TPUs: the Pallas flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`)
 for attention maps whose query and key lengths are multiples of 128 and heads at most 128 wide
-(or a multiple of 128) (SD's self-attention), the softmax path elsewhere and off TPU. It never holds the (Lq, Lk) scores: on the TPU compiler an
-SD-1.5 64x64 self-attention (batch 2, bf16) holds 0 bytes of temporaries instead of 1 GiB and
-reads 0.15 GB instead of 3.3 GB (BENCHMARKS.md). It has a reverse-mode derivative (training) but
+(or a multiple of 128) (SD's self-attention), the softmax path elsewhere and off TPU. It never
+holds the (Lq, Lk) scores: on the TPU compiler an SD-1.5 64x64 self-attention (batch 2, bf16)
+holds 0 bytes of temporaries instead of 1 GiB and reads 0.15 GB instead of 3.3 GB. Under a mesh
+(`partitioned`) it runs per device in `shard_map`: XLA cannot partition a Pallas kernel. It has a reverse-mode derivative (training) but
 no forward-mode one: the latent-geometry code (jvp, linearize) keeps 'softmax'.
 """
 

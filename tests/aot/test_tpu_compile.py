@@ -44,7 +44,8 @@ def test_matmul_memory_and_flops_are_the_arrays_it_holds_and_2mnk():
   assert mem['total'] == mem['arguments'] + mem['outputs'] + mem['code']
   assert r['flops_per_chip'] == 2 * (m // 4) * n * k
   chip = chips.CHIPS['v5e']
-  want = max(2 * (m // 4) * n * k / chip.peak_flops, r['bytes_accessed_per_chip'] / chip.hbm_bandwidth)
+  want = max(2 * (m // 4) * n * k / chip.peak_flops,
+             r['bytes_accessed_per_chip'] / chip.hbm_bandwidth)
   assert r['roofline_seconds'] == pytest.approx(want)
   # Every byte of the arrays is read or written at least once.
   assert r['bytes_accessed_per_chip'] >= mem['arguments'] + mem['outputs']

@@ -153,7 +153,8 @@ class FlashAttentionTest(parameterized.TestCase):
 
   def _qkv(self, lq=256, lk=256, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(kq, (2, lq, 2, 40), dtype), jax.random.normal(kk, (2, lk, 2, 40), dtype),
+    return (jax.random.normal(kq, (2, lq, 2, 40), dtype),
+            jax.random.normal(kk, (2, lk, 2, 40), dtype),
             jax.random.normal(kv, (2, lk, 2, 40), dtype))
 
   @parameterized.parameters((jnp.float32, 1e-5, 1e-4), (jnp.bfloat16, 2e-2, 3e-2))
