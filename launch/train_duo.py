@@ -18,7 +18,8 @@ Steps (the official `naver-ai/DUO` pipeline):
 2. Training: `unlearning.duo.Objective` (`losses.duo_loss`) on the LoRA factors (the base UNet
    is the frozen reference, passed to the step, sharded by the same rules: `mesh.model` > 1
    shards parameters FSDP-style over the `model` axis), one jit-compiled step with shardings over
-   the mesh, orbax checkpoints with resume (`training.trainer.Trainer`). lr and the prior weight follow beta as in the official scripts.
+   the mesh, orbax checkpoints with resume (`training.trainer.Trainer`). lr and the prior weight
+   follow beta as in the official scripts.
    `duo.condition` picks the text conditioning of every branch: 'empty' (the official code),
    'prompt' (each pair under its unsafe prompt) or 'mixed' (either, per pair and step).
    `duo.adversarial.every` > 0 (beyond the paper, as adversarial unlearning does) trains in
