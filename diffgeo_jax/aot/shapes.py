@@ -50,10 +50,13 @@ def _abstract(model, inputs) -> Any:
   return convert.abstract_params(model.init, jax.random.key(0), *inputs)
 
 
-# 'tiny': the digits model's test size (configs/digits/t2i.py:tiny), so that every job compiles in
-# seconds.
-_TINY_UNET = dict(block_out_channels=(8, 8, 8), norm_num_groups=4, cross_attention_dim=16,
-                  attention_head_dim=4)
+# 'tiny': the digits model's test widths (configs/digits/t2i.py:tiny) at two resolutions (one
+# cross-attention block, one plain block, the cross-attention mid block), so that every job
+# compiles in seconds: CI compiles each job for two topologies.
+_TINY_UNET = dict(block_out_channels=(8, 8), norm_num_groups=4, cross_attention_dim=16,
+                  attention_head_dim=4,
+                  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+                  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'))
 _TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2)
 

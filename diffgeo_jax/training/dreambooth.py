@@ -16,18 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffgeo_jax.diffusion import schedules
-from diffgeo_jax.training import lora, losses
+from diffgeo_jax.training import lora, lora_objective, losses
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  unet: Any  # a models.UNet2DConditionModel (with the run's dtype and remat)
-  schedule: schedules.NoiseSchedule
-  base_params: Any  # the frozen UNet's parameters (or ShapeDtypeStructs: init reads shapes only)
-  rank: int
-  alpha: float
-  targets: str
+class Objective(lora_objective.LoRAObjective):
   prior_weight: float = 0.0
 
   @classmethod
@@ -36,10 +29,6 @@ class Objective:
     return cls(unet, schedule, base_params, rank=c.rank, alpha=c.alpha, targets=c.targets,
                prior_weight=float(config.prior.weight))
 
-  def init_fn(self, key: jax.Array):
-    return lora.init(key, self.base_params, rank=self.rank, targets=self.targets,
-                     alpha=self.alpha)
-
   def loss_fn(self, lora_params, batch, key, base_params):
     """Mean denoising error on the instance rows (+ prior_weight x that on the class rows)."""
     params = lora.merge(base_params, lora_params)
@@ -47,7 +36,7 @@ class Objective:
     k_t, k_eps = jax.random.split(key)
     t = jax.random.randint(k_t, (x0.shape[0],), 0, self.schedule.num_train_timesteps)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    pred = self.unet.apply({'params': params}, self.schedule.add_noise(x0, eps, t), t, ctx)
+    pred = self.eps_fn(params, self.schedule.add_noise(x0, eps, t), t, ctx)
     err = losses.denoising_error(pred, eps)
     instance = jnp.sum(err * batch['instance']) / jnp.maximum(jnp.sum(batch['instance']), 1)
     metrics = {'instance_loss': instance}
@@ -64,7 +53,6 @@ def batch_shapes(config, sample_shape: tuple[int, ...], context: Any) -> dict:
   """The global batch of one step as `jax.ShapeDtypeStruct`s (see the module doc); `context` is
   one sample's conditioning (ShapeDtypeStructs without the batch axis)."""
   b = config.train.batch_size
-  return {'x': jax.ShapeDtypeStruct((b, *sample_shape), np.float32),
-          'context': jax.tree.map(lambda c: jax.ShapeDtypeStruct((b, *c.shape), c.dtype),
-                                  context),
+  return {'x': lora_objective.sample_batch(b, sample_shape),
+          'context': lora_objective.batched(context, b),
           'instance': jax.ShapeDtypeStruct((b,), np.float32)}

@@ -15,21 +15,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import numpy as np
-
-from diffgeo_jax.diffusion import schedules
-from diffgeo_jax.training import lora, losses, sharding
+from diffgeo_jax.training import losses, lora_objective, sharding
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  unet: Any  # a models.UNet2DConditionModel (with the run's dtype and remat)
-  schedule: schedules.NoiseSchedule
-  base_params: Any  # the frozen UNet's parameters (or ShapeDtypeStructs: init reads shapes only)
-  rank: int
-  alpha: float
-  targets: str
+class Objective(lora_objective.LoRAObjective):
   beta: float
   prior_weight: float
   t_min: int
@@ -46,13 +36,6 @@ class Objective:
     return cls(unet, schedule, base_params, rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
                beta=c.beta, prior_weight=prior_weight, t_min=c.t_min, t_max=c.t_max,
                retain_weight=c.retain_weight)
-
-  def eps_fn(self, params, x_t, t, context):
-    return self.unet.apply({'params': params}, x_t, t, context)
-
-  def init_fn(self, key: jax.Array):
-    return lora.init(key, self.base_params, rank=self.rank, targets=self.targets,
-                     alpha=self.alpha)
 
   def loss_fn(self, lora_params, batch, key, base_params):
     return losses.duo_loss(self.eps_fn, base_params, lora_params, batch, key, self.schedule,
@@ -72,8 +55,8 @@ def batch_shapes(config, sample_shape: tuple[int, ...], context: Any) -> dict:
   """The global batch of one step as `jax.ShapeDtypeStruct`s: `sample_shape` (h, w, C) of the
   UNet's input, `context` one sample's conditioning (ShapeDtypeStructs without the batch axis)."""
   b = config.train.batch_size
-  x = jax.ShapeDtypeStruct((b, *sample_shape), np.float32)
-  ctx = jax.tree.map(lambda c: jax.ShapeDtypeStruct((b, *c.shape), c.dtype), context)
+  x = lora_objective.sample_batch(b, sample_shape)
+  ctx = lora_objective.batched(context, b)
   out = {'positive': x, 'negative': x, 'context': ctx}
   if config.duo.retain_weight > 0:
     out.update(retain=x, retain_context=ctx)
