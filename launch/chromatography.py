@@ -36,7 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, paths, runs
-from diffgeo_jax.diffusion import chromatography, pipeline, samplers, schedules
+from diffgeo_jax.diffusion import chromatography, pipeline, resolution, samplers, schedules
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 
@@ -52,7 +52,7 @@ def schedule_summary(s, factors) -> dict:
       'peak_time': {str(m): int(chromatography.peak_time(s, m)) for m in factors},
       'band_peak_time': {str(m): int(chromatography.peak_time(s, m, band=True)) for m in factors},
       'half_time': {str(m): float(chromatography.switch_time(s, m)) for m in factors},
-      'tau_m2': {str(t): float(chromatography.adjusted_timestep(s, t, 2))
+      'tau_m2': {str(t): float(resolution.adjusted_timestep(s, t, 2))
                  for t in (999, 800, 600, 400, 200)},
   }
 
@@ -93,6 +93,37 @@ def effective_factor(s, t_cross: float | None) -> float | None:
   return float(math.exp(-0.5 * float(s.log_snr_at(t_cross))))
 
 
+def plot_chromatogram(s, factors, band: bool = False, title: str | None = None):
+  """A two-panel matplotlib Figure: S_m(t) and g_m(t) (or the band-pass g_m - g_2m) for each m in
+  `factors`, with the peaks marked (save it with `fig.savefig` or `paths.save_figure`)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: plotting is optional
+  from matplotlib.figure import Figure
+  factors = list(factors)
+  if not factors:
+    raise ValueError('factors must be a non-empty sequence of positive numbers')
+  for m in factors:
+    resolution.check_factor(m, 'factors')
+  t = np.arange(s.num_train_timesteps)
+  fig = Figure(figsize=(7, 6))
+  FigureCanvasAgg(fig)
+  ax_s, ax_g = fig.subplots(2, 1, sharex=True)
+  for m in factors:
+    g = np.asarray(chromatography.band_generation_rate(s, m) if band
+                   else chromatography.generation_rate(s, m))
+    line, = ax_s.plot(t, np.asarray(chromatography.signal_fraction(s, m)), label=f'm = {m:g}')
+    ax_g.plot(t, g, color=line.get_color())
+    pk = int(np.argmax(g))
+    ax_g.axvline(pk, color=line.get_color(), ls=':', lw=1)
+    ax_g.annotate(f'{pk}', (pk, g[pk]), textcoords='offset points', xytext=(3, 3), fontsize=8)
+  ax_s.set_ylabel('signal fraction $S_m(t)$')
+  ax_g.set_ylabel(r'$g_m - g_{2m}$' if band else r'generation rate $-dS_m/dt$')
+  ax_g.set_xlabel('timestep t (sampling runs right to left)')
+  ax_s.legend()
+  ax_s.set_title(title or 'resolution chromatogram')
+  fig.tight_layout()
+  return fig
+
+
 def plot_switch(s, measured: dict, factors):
   """The measured switch curves against S_m(t_s) (a matplotlib Figure)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -127,20 +158,20 @@ def main(argv):
   if not config.switch_times:
     raise ValueError('config.switch_times must be non-empty')
   with run.timed('load'):
-    pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+    pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
     scorer = metrics.Scorer.load(paths.local_folder(
-        config.classifier_dir or digits.classifier_dir(), 'config.classifier_dir'))
+        digits.classifier_dir(config.classifier_dir), 'config.classifier_dir'))
   s = schedules.from_diffusers_config(pipe.scheduler_config)
   factors = [int(m) for m in config.factors]
   results = {'schedule': schedule_summary(s, factors),
              'grid_timesteps': [int(t) for t in samplers.timesteps(config.sampler, s,
                                                                      config.num_steps)]}
-  run.save_figure('chromatogram.png', chromatography.plot_chromatogram(
+  run.save_figure('chromatogram.png', plot_chromatogram(
       s, factors, title='digits model schedule (DDPM linear)'))
   if config.plot_sd_schedule:
     sd = schedules.scaled_linear()
     results['sd_schedule'] = schedule_summary(sd, factors)
-    run.save_figure('chromatogram_sd.png', chromatography.plot_chromatogram(
+    run.save_figure('chromatogram_sd.png', plot_chromatogram(
         sd, factors, title='SD scaled-linear schedule'))
 
   h, w = pipeline.default_image_size(pipe)

@@ -117,7 +117,7 @@ def main(argv):
   if _TOP.value < 1 or _SAMPLES.value < 0:
     raise ValueError(f'--top must be >= 1 and --reconstruct_samples >= 0, got {_TOP.value} and '
                      f'{_SAMPLES.value}')
-  folder = _PIPELINE.value or digits.pipeline_dir()
+  folder = digits.pipeline_dir(_PIPELINE.value)
   prompts = _PROMPTS.value or (list(DIGITS_PROMPTS) if not _PIPELINE.value else
                                ['a photo of a cat', 'a dog in the style of van gogh'])
   run = runs.start({'pipeline_dir': folder, 'prompts': prompts, 'top': _TOP.value,

@@ -102,8 +102,8 @@ def main(argv):
   want_digits = np.repeat([d for _, d, _ in jobs], per_prompt).astype(np.int32)
   want_colours = np.repeat([c for _, _, c in jobs], per_prompt).astype(np.int32)
 
-  pipeline_dir = config.pipeline_dir or digits.pipeline_dir()
-  classifier_dir = config.classifier_dir or digits.classifier_dir()
+  pipeline_dir = digits.pipeline_dir(config.pipeline_dir)
+  classifier_dir = digits.classifier_dir(config.classifier_dir)
   logging.info('pipeline %s, classifier %s', pipeline_dir, classifier_dir)
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(pipeline_dir))

@@ -159,8 +159,8 @@ def main(argv):
     raise ValueError(f'eval.prompt_template must contain {{digit}}, got {e.prompt_template!r}')
   run = runs.start(config, workdir / 'evaluation')  # train_lora's own files stay as they are
   with run.timed('load'):
-    pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
-    scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+    pipe = models.load_pipeline(digits.pipeline_dir(config.pipeline_dir))
+    scorer = metrics.Scorer.load(digits.classifier_dir(config.classifier_dir))
     lp = lora.load(paths.local_folder(workdir / 'lora', 'the LoRA folder'), pipe.unet_params)
   reference = dataset.DIGIT_WORDS.index(d.reference_digit)
   others = [k for k in range(10) if k != reference]

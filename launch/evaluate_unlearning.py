@@ -88,8 +88,8 @@ def main(argv):
         raise FileNotFoundError(f'{r} is not a finished train_duo workdir: {name} is missing')
   run = runs.start(config, _WORKDIR.value)
   with run.timed('load'):
-    pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
-    scorer = metrics.Scorer.load(config.classifier_dir or digits.classifier_dir())
+    pipe = models.load_pipeline(digits.pipeline_dir(config.pipeline_dir))
+    scorer = metrics.Scorer.load(digits.classifier_dir(config.classifier_dir))
   concept = dataset.DIGIT_WORDS.index(config.concept)
   token_id = embedding_attack.concept_token(pipe, config.concept)
   test = dataset.load('test')

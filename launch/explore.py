@@ -127,7 +127,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   run = runs.start(config, _WORKDIR.value)
-  folder = config.pipeline_dir or digits.pipeline_dir()
+  folder = digits.pipeline_dir(config.pipeline_dir)
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(folder))  # params on every device once
   is_digits = pipe.class_name == digits.PIPELINE_CLASS

@@ -107,7 +107,7 @@ def digits_task(config) -> Task:
   model, params = classifier_lib.load(config.classifier_dir or None)
   apply = lambda p, x: model.apply({'params': p}, x)
   rmodel = retrain.MLP(hidden=tuple(config.retrain.hidden), num_classes=10)
-  pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+  pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
   g = config.goar
 
   def project(x, level):

@@ -192,10 +192,10 @@ def _evaluate(task, tokens, labels=None) -> dict:
   if task == 'countdown':
     return {'error_rate': data.countdown_errors(tokens),
             'error_rate_official_checker': data.countdown_errors_official(tokens)}
-  from diffgeo_jax.digits import metrics  # noqa: PLC0415
-  strokes, _, invalid = data.decode_digits(tokens)
+  from diffgeo_jax.digits import digit_tokens, metrics  # noqa: PLC0415
+  strokes, _, invalid = digit_tokens.decode(tokens)
   scorer, reference = _scorer()
-  feats, logits = scorer.features_and_logits(data.render_digits(strokes))
+  feats, logits = scorer.features_and_logits(digit_tokens.render(strokes))
   pred = np.argmax(logits, -1)
   return {'accuracy': float(np.mean(pred == labels)), 'invalid_rate': float(np.mean(invalid)),
           'frechet_distance': metrics.frechet_distance(feats, reference),
@@ -209,15 +209,15 @@ def _scorer():
   """The shipped digits classifier and its features of the real test-split tokens (rendered the
   same way), the reference of the Frechet distance."""
   if not _SCORER:
-    from diffgeo_jax.discrete import data  # noqa: PLC0415
-    from diffgeo_jax.digits import metrics  # noqa: PLC0415
+    from diffgeo_jax.digits import digit_tokens, metrics  # noqa: PLC0415
     scorer = metrics.Scorer.load()
-    strokes, _, _ = data.decode_digits(data.digit_tokens('test')[0])
-    _SCORER.append((scorer, scorer.features(data.render_digits(strokes))))
+    strokes, _, _ = digit_tokens.decode(digit_tokens.load('test')[0])
+    _SCORER.append((scorer, scorer.features(digit_tokens.render(strokes))))
   return _SCORER[0]
 
 
 def run_trained(config, run: runs.Run):
+  from diffgeo_jax.digits import digit_tokens  # noqa: PLC0415
   from diffgeo_jax.discrete import data, model as model_lib  # noqa: PLC0415
   folder = config.model_dir or os.path.join(os.path.dirname(model_lib.__file__), 'pretrained',
                                             config.task)
@@ -233,7 +233,7 @@ def run_trained(config, run: runs.Run):
       return jnp.asarray(data.countdown(np.random.default_rng(seed), n, length, mcfg.vocab_size))
     labels = None
   else:
-    train_tokens, _ = data.digit_tokens('train')
+    train_tokens, _ = digit_tokens.load('train')
 
     def data_sampler(key, n):
       return jnp.asarray(train_tokens)[jax.random.randint(key, (n,), 0, len(train_tokens))]
@@ -255,7 +255,7 @@ def run_trained(config, run: runs.Run):
           kw = dict(shape=(config.num_eval_samples, length))
         else:  # infilling: the label token given, every pixel masked
           x = np.full((config.num_eval_samples, length), proc.mask_id, np.int32)
-          x[:, 0] = data.LABEL_OFFSET + labels
+          x[:, 0] = digit_tokens.LABEL_OFFSET + labels
           kw = dict(x_init=jnp.asarray(x))
         with run.timed('sampling'):
           r = samplers.sample(jax.random.fold_in(key, n), den, proc, per_nfe[n], method=method,

@@ -36,7 +36,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)
 
 def load(config) -> models.Pipeline:
   """The configured pipeline ('' = the embedded digits model)."""
-  folder = config.pipeline_dir or digits.pipeline_dir()
+  folder = digits.pipeline_dir(config.pipeline_dir)
   logging.info('loading %s', folder)
   return models.load_pipeline(folder)
 

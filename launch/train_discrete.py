@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffgeo_jax import distributed, runs
+from diffgeo_jax.digits import digit_tokens
 from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
 from diffgeo_jax.training import trainer
@@ -55,11 +56,11 @@ class Job:
     if d.name not in DATASETS:
       raise ValueError(f'config.data.name must be one of {DATASETS}, got {d.name!r}')
     if d.name == 'digits':
-      if (d.length, d.vocab_size) != (data.DIGIT_LENGTH, data.DIGIT_VOCAB):
-        raise ValueError(f'digits sequences have config.data.length={data.DIGIT_LENGTH} and '
-                         f'config.data.vocab_size={data.DIGIT_VOCAB}, got {d.length} and '
+      if (d.length, d.vocab_size) != (digit_tokens.LENGTH, digit_tokens.VOCAB):
+        raise ValueError(f'digits sequences have config.data.length={digit_tokens.LENGTH} and '
+                         f'config.data.vocab_size={digit_tokens.VOCAB}, got {d.length} and '
                          f'{d.vocab_size}')
-      self.train_tokens = data.digit_tokens('train', d.split_seed)[0]
+      self.train_tokens = digit_tokens.load('train', d.split_seed)[0]
     self.model_config = model_lib.TransformerConfig(
         vocab_size=d.vocab_size, length=d.length, **config.model.to_dict())
     self.model = model_lib.Transformer(self.model_config)
@@ -89,7 +90,7 @@ class Job:
     if d.name == 'countdown':
       return data.countdown(np.random.default_rng([e.seed, HELDOUT_STEP, 0]), e.num_sequences,
                             d.length, d.vocab_size)
-    return data.digit_tokens('test', d.split_seed)[0]
+    return digit_tokens.load('test', d.split_seed)[0]
 
 
 def _keys(seed: int, repeats: int) -> list[jax.Array]:

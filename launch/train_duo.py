@@ -86,7 +86,7 @@ class Detector:
         raise ValueError(f'data.concept must be a digit word {dataset.DIGIT_WORDS} for the digits '
                          f'detector, got {config.data.concept!r}')
       self.concept = dataset.DIGIT_WORDS.index(config.data.concept)
-      folder = config.classifier_dir or digits.classifier_dir()
+      folder = digits.classifier_dir(config.classifier_dir)
       self.scorer = metrics.Scorer.load(paths.local_folder(folder, 'classifier_dir'))
 
   def shows_concept(self, images) -> np.ndarray | None:
@@ -172,7 +172,7 @@ class Job:
     self.config = config
     if config.duo.condition not in CONDITIONS:  # (before minutes of pair generation)
       raise ValueError(f'duo.condition must be one of {CONDITIONS}, got {config.duo.condition!r}')
-    self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+    self.pipe = models.load_pipeline(digits.pipeline_dir(config.pipeline_dir))
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
     self.detector = Detector(config)
     path = run.path('pairs.npz')

@@ -159,7 +159,7 @@ class Job:
 
   def __init__(self, config, run: runs.Run | None = None):
     self.config = config
-    self.pipe = models.load_pipeline(config.pipeline_dir or digits.pipeline_dir())
+    self.pipe = models.load_pipeline(digits.pipeline_dir(config.pipeline_dir))
     self.schedule = schedules.from_diffusers_config(self.pipe.scheduler_config)
     self.references = reference_images(self.pipe, config)
     key = jax.random.key(config.data.seed)

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, paths, runs
-from diffgeo_jax.diffusion import chromatography, guidance, pipeline
+from diffgeo_jax.diffusion import guidance, pipeline, resolution
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 
@@ -74,7 +74,7 @@ def sample(pipe, config, name: str, texts, noise_high) -> tuple[np.ndarray, floa
   kw = dict(num_steps=config.num_steps, guidance_scale=config.guidance_scale,
             sampler=config.sampler)
   if name == 'native':
-    noise = m * chromatography.avg_pool(noise_high, m)  # D x_T has variance 1/m^2
+    noise = m * resolution.avg_pool(noise_high, m)  # D x_T has variance 1/m^2
   else:
     noise = noise_high
     kw.update(height=noise.shape[1], width=noise.shape[2],
@@ -117,9 +117,9 @@ def main(argv):
     variant_guidance(n, config)  # unknown names fail before any sampling
   texts, want_digits, want_colours = prompts_of(config)
   with run.timed('load'):
-    pipe = pipeline.replicate(models.load_pipeline(config.pipeline_dir or digits.pipeline_dir()))
+    pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
     scorer = metrics.Scorer.load(paths.local_folder(
-        config.classifier_dir or digits.classifier_dir(), 'config.classifier_dir'))
+        digits.classifier_dir(config.classifier_dir), 'config.classifier_dir'))
   if pipe.vae is not None:
     raise ValueError('launch/upsample.py scores with the digits classifier: it needs a pixel-space '
                      'digits pipeline (config.pipeline_dir)')
@@ -134,7 +134,7 @@ def main(argv):
     with run.timed(f'sampling_{name}'):
       images[name], seconds = sample(pipe, config, name, texts, noise_high)
     low = images[name] if name == 'native' else np.asarray(
-        chromatography.avg_pool(jnp.asarray(images[name]), m))
+        resolution.avg_pool(jnp.asarray(images[name]), m))
     x = low * 2.0 - 1.0  # the classifier reads [-1, 1]
     pred = scorer.predict(x)
     colour = classifier.colour_index(x)
@@ -155,7 +155,7 @@ def main(argv):
           + (i % len(config.colours)) * config.samples_per_prompt
           for i in range(min(config.grid_prompts, len(config.digits)))]
   cols = [images[n][rows] if n != 'native' else
-          np.asarray(chromatography.nearest_upsample(jnp.asarray(images[n][rows]), m))
+          np.asarray(resolution.nearest_upsample(jnp.asarray(images[n][rows]), m))
           for n in names]
   run.save_image('comparison.png', grid(np.stack(cols, 1).reshape(-1, *cols[0].shape[1:]),
                                         len(rows), len(names), config.grid_scale))

@@ -53,6 +53,16 @@ def cost_record(cost: Any) -> tuple[float, float]:
   return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
 
 
+def out_of_memory(error: str) -> dict:
+  """{fits: False, hbm_bytes: {total}, hbm_capacity_reported} when a compiler error is the
+  TPU compiler's out-of-memory verdict (the bytes it needed per chip), else {}."""
+  oom = next((m for m in (p.search(error) for p in _OOM) if m), None)
+  if not oom:
+    return {}
+  return dict(fits=False, hbm_bytes={'total': _bytes(*oom.group(1, 2))},
+              hbm_capacity_reported=_bytes(*oom.group(3, 4)))
+
+
 def compile_program(lower: Callable[[], Any], chip: chips_lib.Chip) -> dict:
   """Traces and lowers (`lower()`, with attention chunked as on a TPU), compiles, analyses."""
   record: dict[str, Any] = {'chip': chip.name, 'hbm_per_chip': chip.hbm_bytes}
@@ -66,11 +76,7 @@ def compile_program(lower: Callable[[], Any], chip: chips_lib.Chip) -> dict:
   except Exception as e:  # the compiler's verdict is the result: keep it, go on with the next
     record.update(compiled=False, compile_seconds=round(time.perf_counter() - start, 2),
                   error=f'{type(e).__name__}: {e}'[:4000])
-    oom = next((m for m in (p.search(str(e)) for p in _OOM) if m), None)
-    if oom:
-      used = _bytes(*oom.group(1, 2))
-      record.update(fits=False, hbm_bytes={'total': used},
-                    hbm_capacity_reported=_bytes(*oom.group(3, 4)))
+    record.update(out_of_memory(str(e)))
     return record
   record['compile_seconds'] = round(time.perf_counter() - start, 2)
   record['compiled'] = True

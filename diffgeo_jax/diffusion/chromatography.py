@@ -1,6 +1,5 @@
 """Resolution chromatography (arXiv 2401.10247): how fast each resolution's signal is generated.
 
-    tau = chromatography.adjusted_timestep(s, t, m)   # SNR(tau) = m**2 SNR(t), float, traceable
     S = chromatography.signal_fraction(s, m)          # (T,) S_m(t) = alpha_bar_t / P_t
     g = chromatography.generation_rate(s, m)          # (T,) g_m(t) = -dS_m/dt (the chromatogram)
     t_pk = chromatography.peak_time(s, m)             # argmax_t g_m(t)
@@ -10,7 +9,8 @@ m^2, so the resolution-m view of x_t has SNR_m(t) = m^2 SNR(t), i.e. log-SNR lam
 With the power P_t = alpha_bar_t + (1 - alpha_bar_t) / m^2,
 D_m x_t / sqrt(P_t) = sqrt(alpha_bar_tau) D_m x_0 + sqrt(1 - alpha_bar_tau) eps' exactly, where
 alpha_bar_tau = alpha_bar_t / P_t = S_m(t) = sigmoid(lambda(t) + 2 ln m): the schedule mapping
-t -> tau that upsample guidance (`guidance.upsample`) and the cascade (`cascade`) use.
+t -> tau (`resolution.adjusted_timestep`, with the pooling D_m and upsampling U_m of
+`resolution`) that upsample guidance (`guidance.upsample`) and the cascade (`cascade`) use.
 
 Also here: the time-dependent prompt composition (`prompt_switch_eps_fn`, `switch_time`) and
 cascaded upscaling (`cascade`). Images are NHWC; `factor` m pools H and W.
@@ -19,108 +19,20 @@ cascaded upscaling (`cascade`). Images are NHWC; `factor` m pools H and W.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffgeo_jax.diffusion import samplers
+from diffgeo_jax.diffusion import guidance, samplers
+from diffgeo_jax.diffusion.resolution import (adjusted_timestep, avg_pool, check_factor,
+                                              check_int_factor, check_nhwc, check_t, is_concrete,
+                                              nearest_upsample, power)
 from diffgeo_jax.diffusion.schedules import NoiseSchedule
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-# -- checks ----------------------------------------------------------------------------------------
-
-def _is_concrete(a) -> bool:
-  return not isinstance(a, jax.core.Tracer)
-
-
-def check_factor(factor, name: str = 'factor') -> None:
-  """A resolution factor m of the schedule math: a positive number (traced values pass)."""
-  if not _is_concrete(factor):
-    return
-  f = np.asarray(factor)
-  if (isinstance(factor, bool) or f.dtype.kind not in 'iuf' or not np.all(np.isfinite(f))
-      or np.any(f <= 0)):
-    raise ValueError(f'{name} must be a positive number, got {factor!r}')
-
-
-def _check_nhwc(x, name: str = 'x') -> None:
-  if not hasattr(x, 'ndim') or x.ndim != 4:
-    raise ValueError(f'{name} must be NHWC (B, H, W, C), got shape '
-                     f'{getattr(x, "shape", type(x).__name__)}')
-
-
-def _check_int_factor(factor, name: str = 'factor') -> None:
-  if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
-    raise ValueError(f'{name} must be a positive int, got {factor!r}')
-
-
-def check_pool_factor(x, factor, name: str = 'factor', x_name: str = 'x') -> None:
-  """The pooling factor of NHWC `x`: a positive int dividing H and W."""
-  _check_nhwc(x, x_name)
-  _check_int_factor(factor, name)
-  h, w = x.shape[1:3]
-  if h % factor or w % factor:
-    raise ValueError(f'{name}={factor} must divide the spatial size (H, W) = ({h}, {w}) of '
-                     f'{x_name}')
-
-
-def _check_t(s: NoiseSchedule, t, name: str = 't') -> None:
-  """t in [0, T-1] when it is concrete (a traced t cannot be checked)."""
-  if not _is_concrete(t):
-    return
-  a = np.asarray(t, np.float64)
-  if not np.all(np.isfinite(a)) or np.any(a < 0) or np.any(a > s.num_train_timesteps - 1):
-    raise ValueError(f'{name} must be in [0, {s.num_train_timesteps - 1}], got {t!r}')
-
-
-# -- D and U ---------------------------------------------------------------------------------------
-
-def avg_pool(x: jax.Array, factor: int) -> jax.Array:
-  """D: (B, H, W, C) -> (B, H/m, W/m, C), the mean of each m x m block."""
-  check_pool_factor(x, factor)
-  b, h, w, c = x.shape
-  return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-
-def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:
-  """U: (B, h, w, C) -> (B, h m, w m, C), each pixel repeated m x m times (D U = I)."""
-  _check_nhwc(x)
-  _check_int_factor(factor)
-  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
-# -- per-resolution SNR and the schedule mapping ---------------------------------------------------
-
-def resolution_log_snr(s: NoiseSchedule, t, factor) -> jax.Array:
-  """lambda_m(t) = lambda(t) + 2 ln m at (float) timesteps t."""
-  check_factor(factor)
-  return s.log_snr_at(t) + 2 * jnp.log(jnp.asarray(factor, jnp.float32))
-
-
-def resolution_snr(s: NoiseSchedule, t, factor) -> jax.Array:
-  """SNR_m(t) = m^2 alpha_bar_t / (1 - alpha_bar_t)."""
-  return jnp.exp(resolution_log_snr(s, t, factor))
-
-
-def power(s: NoiseSchedule, t, factor) -> jax.Array:
-  """P_t = alpha_bar_t + (1 - alpha_bar_t) / m^2: the variance of D_m x_t for unit-variance,
-  smooth x_0 (the "power adjustment" divides D_m x_t by sqrt(P_t))."""
-  check_factor(factor)
-  ab = s.alpha_cumprod_at(t)
-  return ab + (1 - ab) / jnp.asarray(factor, jnp.float32) ** 2
-
-
-def adjusted_timestep(s: NoiseSchedule, t, factor) -> jax.Array:
-  """tau(t): the float timestep with SNR(tau) = m^2 SNR(t) (log-SNR matching, linear in t between
-  integers as `NoiseSchedule.log_snr_at`), so alpha_bar_tau = alpha_bar_t / P_t. t scalar or any
-  shape (traceable); tau <= t for m >= 1, clipped at 0 where m^2 SNR(t) exceeds SNR(0)."""
-  _check_t(s, t)
-  return s.timestep_at_log_snr(resolution_log_snr(s, t, factor))
 
 
 # -- the chromatogram ------------------------------------------------------------------------------
@@ -152,37 +64,6 @@ def peak_time(s: NoiseSchedule, factor, band: bool = False) -> jax.Array:
   return jnp.argmax(g)
 
 
-def plot_chromatogram(s: NoiseSchedule, factors: Sequence[float], band: bool = False,
-                      title: str | None = None):
-  """A two-panel matplotlib Figure: S_m(t) and g_m(t) (or the band-pass g_m - g_2m) for each m in
-  `factors`, with the peaks marked (save it with `fig.savefig` or `paths.save_figure`)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: plotting is optional
-  from matplotlib.figure import Figure
-  factors = list(factors)
-  if not factors:
-    raise ValueError('factors must be a non-empty sequence of positive numbers')
-  for m in factors:
-    check_factor(m, 'factors')
-  t = np.arange(s.num_train_timesteps)
-  fig = Figure(figsize=(7, 6))
-  FigureCanvasAgg(fig)
-  ax_s, ax_g = fig.subplots(2, 1, sharex=True)
-  for m in factors:
-    g = np.asarray(band_generation_rate(s, m) if band else generation_rate(s, m))
-    line, = ax_s.plot(t, np.asarray(signal_fraction(s, m)), label=f'm = {m:g}')
-    ax_g.plot(t, g, color=line.get_color())
-    pk = int(np.argmax(g))
-    ax_g.axvline(pk, color=line.get_color(), ls=':', lw=1)
-    ax_g.annotate(f'{pk}', (pk, g[pk]), textcoords='offset points', xytext=(3, 3), fontsize=8)
-  ax_s.set_ylabel('signal fraction $S_m(t)$')
-  ax_g.set_ylabel(r'$g_m - g_{2m}$' if band else r'generation rate $-dS_m/dt$')
-  ax_g.set_xlabel('timestep t (sampling runs right to left)')
-  ax_s.legend()
-  ax_s.set_title(title or 'resolution chromatogram')
-  fig.tight_layout()
-  return fig
-
-
 # -- time-dependent prompt composition -------------------------------------------------------------
 
 def switch_time(s: NoiseSchedule, factor, level: float = 0.5, rule: str = 'half') -> jax.Array:
@@ -200,7 +81,7 @@ def switch_time(s: NoiseSchedule, factor, level: float = 0.5, rule: str = 'half'
     return peak_time(s, factor).astype(jnp.float32)
   if rule != 'half':
     raise ValueError(f"rule must be 'half' or 'peak', got {rule!r}")
-  if _is_concrete(level) and not 0 < float(level) < 1:
+  if is_concrete(level) and not 0 < float(level) < 1:
     raise ValueError(f'level must be in (0, 1), got {level!r}')
   logit = jnp.log(level) - jnp.log1p(-jnp.asarray(level, jnp.float32))
   return s.timestep_at_log_snr(logit - 2 * jnp.log(jnp.asarray(factor, jnp.float32)))
@@ -225,12 +106,10 @@ def prompt_switch_eps_fn(model_fn: ModelFn, context_early: jax.Array, context_la
   if context_early.shape != context_late.shape:
     raise ValueError(f'context_early and context_late must have the same shape, got '
                      f'{context_early.shape} and {context_late.shape}')
-  if _is_concrete(switch) and not np.all(np.isfinite(np.asarray(switch, np.float64))):
+  if is_concrete(switch) and not np.all(np.isfinite(np.asarray(switch, np.float64))):
     raise ValueError(f'switch must be a finite timestep, got {switch!r}')
   if uncond is None:
     return lambda x, t: model_fn(x, t, _select(t, switch, context_early, context_late))
-  from diffgeo_jax.diffusion import guidance  # guidance imports this module
-
   def eps_fn(x, t):
     cond = _select(t, switch, context_early, context_late)
     return guidance.classifier_free(model_fn, x, t, cond, uncond, scale, rescale)
@@ -250,9 +129,9 @@ def cascade_start(x_low: jax.Array, s: NoiseSchedule, t, factor: int, noise_low:
   so that D x_t / sqrt(P_t) = y_tau exactly, and x_t is distributed as the forward process at t
   from x_0 = U x_low (with noise_low = m D noise_high it equals `s.add_noise(U x_low, noise_high,
   t)`): the missing high-frequency noise is added on top of the upsampled low-res sample."""
-  _check_nhwc(x_low, 'x_low')
-  _check_int_factor(factor)
-  _check_t(s, t)
+  check_nhwc(x_low, 'x_low')
+  check_int_factor(factor)
+  check_t(s, t)
   hi_shape = (x_low.shape[0], x_low.shape[1] * factor, x_low.shape[2] * factor, x_low.shape[3])
   if noise_low.shape != x_low.shape:
     raise ValueError(f'noise_low must have shape {x_low.shape}, got {noise_low.shape}')
@@ -277,8 +156,8 @@ def cascade(eps_fn: EpsFn, x_low: jax.Array, s: NoiseSchedule, tau: float, num_s
   `tau`, the grid being discrete) and lifted by `cascade_start`. `key` splits into (noise_low, noise_high,
   sampler noise); explicit `noise_low` / `noise_high` replace the drawn ones. With return_info,
   also a dict: first_step, t (= t_k), tau (the one used), x_start."""
-  _check_nhwc(x_low, 'x_low')
-  _check_int_factor(factor)
+  check_nhwc(x_low, 'x_low')
+  check_int_factor(factor)
   if (isinstance(tau, bool) or not isinstance(tau, (int, float, np.number))
       or not 0 <= tau <= s.num_train_timesteps - 1):
     raise ValueError(f'tau must be a number in [0, {s.num_train_timesteps - 1}], got {tau!r}')

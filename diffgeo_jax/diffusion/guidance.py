@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffgeo_jax.diffusion import chromatography  # it imports guidance lazily (prompt switch)
+from diffgeo_jax.diffusion import resolution
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -92,7 +92,7 @@ def cfg_eps_fn(model_fn: ModelFn, cond: jax.Array, uncond: jax.Array, scale,
 #     eps_fn_hi = guidance.upsample_eps_fn(eps_fn, s, factor=2, weight=1.0)   # for `samplers`
 #
 # eps_hat(x_t, t) = eps(x_t, t) + w_t U[eps(D x_t / sqrt(P_t), tau(t)) / m - D eps(x_t, t)], with D
-# the m x m average pool, U the nearest upsampling (D U = I), P_t and tau(t) from `chromatography`
+# the m x m average pool, U the nearest upsampling (D U = I), P_t and tau(t) from `resolution`
 # and w_t = theta H(t - (1 - eta) T) (theta = `weight`, H(0) = 1, T = num_train_timesteps).
 # Hence D eps_hat = (1 - w_t) D eps + w_t eps_low / m and (I - U D) eps_hat = (I - U D) eps.
 
@@ -143,7 +143,7 @@ def upsample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x_t: jax.Array
   uses P_t = 1. weight 0 (or t outside the window) returns eps_fn(x_t, t) bit for bit; with a
   scalar t the low-resolution call is skipped there (`lax.cond`). Outputs of v / x0 prediction
   models are converted to eps, guided, and converted back to the schedule's prediction_type."""
-  chromatography.check_pool_factor(x_t, factor, x_name='x_t')
+  resolution.check_pool_factor(x_t, factor, x_name='x_t')
   _check_range(weight, 'weight', 0.0)
   _check_range(eta, 'eta', 0.0, 1.0)
   batch = x_t.shape[0]
@@ -156,13 +156,13 @@ def upsample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x_t: jax.Array
 
   def guided():
     eps = _to_eps(s, out, x_t, t)
-    tau = chromatography.adjusted_timestep(s, t, factor) if time_adjustment else t
-    y = chromatography.avg_pool(x_t, factor)
+    tau = resolution.adjusted_timestep(s, t, factor) if time_adjustment else t
+    y = resolution.avg_pool(x_t, factor)
     if power_adjustment:
-      y = y / _bcast(jnp.sqrt(chromatography.power(s, t, factor)), y)
+      y = y / _bcast(jnp.sqrt(resolution.power(s, t, factor)), y)
     eps_low = _to_eps(s, eps_fn(y, tau), y, tau)
-    delta = eps_low / factor - chromatography.avg_pool(eps, factor)
-    eps_hat = eps + _bcast(w, eps) * chromatography.nearest_upsample(delta, factor)
+    delta = eps_low / factor - resolution.avg_pool(eps, factor)
+    eps_hat = eps + _bcast(w, eps) * resolution.nearest_upsample(delta, factor)
     return _from_eps(s, eps_hat, x_t, t).astype(out.dtype)
 
   if w.ndim == 0:

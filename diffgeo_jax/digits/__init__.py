@@ -1,7 +1,10 @@
-"""The digits world: the embedded default model's data, tokenizer, classifier and metrics.
+"""The digits world: the embedded default model's data, tokenizer, classifier and metrics, and
+the digits as tokens for discrete diffusion (`digit_tokens`).
 
 `pipeline_dir()` is the shipped text-to-image pipeline (a diffusers-layout folder that
 `models.load_pipeline` loads like any Stable Diffusion folder); `classifier_dir()` the evaluator.
+The methods' packages (diffusion, geometry, discrete, training, unlearning, text, xai) do not
+import this package; binaries, tests and `aot`'s 'digits' shapes use it as the default world.
 """
 
 import os
@@ -12,14 +15,20 @@ PIPELINE_CLASS = 'DigitsTextToImagePipeline'
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def pipeline_dir() -> str:
-  """The shipped digits text-to-image pipeline folder (inside the installed package)."""
+def pipeline_dir(folder: str | None = None) -> str:
+  """`folder` when a config names one (`config.pipeline_dir`), else the shipped digits
+  text-to-image pipeline folder (inside the installed package): the binaries' one resolver."""
+  if folder:
+    return folder
   return _existing(os.path.join(_HERE, 'pipeline'), 'pipeline',
                    'python launch/train_t2i.py --config=configs/digits/t2i.py')
 
 
-def classifier_dir() -> str:
-  """The shipped digits classifier folder (inside the installed package)."""
+def classifier_dir(folder: str | None = None) -> str:
+  """`folder` when a config names one (`config.classifier_dir`), else the shipped digits
+  classifier folder (inside the installed package)."""
+  if folder:
+    return folder
   return _existing(os.path.join(_HERE, 'classifier'), 'classifier',
                    'python launch/train_classifier.py --config=configs/digits/classifier.py')
 

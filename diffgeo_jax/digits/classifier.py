@@ -18,7 +18,6 @@ accuracy).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,15 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
-from flax import traverse_util
 
-from diffgeo_jax import digits
+from diffgeo_jax import digits, model_folder
 from diffgeo_jax.digits import dataset
 
-WEIGHTS = 'model.safetensors'
-CONFIG = 'config.json'
-RESULTS = 'results.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,50 +165,12 @@ def augmented_images(rng: np.random.Generator, strokes: np.ndarray, *, random_co
 
 # -- files -----------------------------------------------------------------------------------------
 
-def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
-  flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
-  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
-
-
-def load_params(path: str, abstract: Mapping, what: str) -> dict:
-  """The float32 parameter tree in safetensors file `path` ('/'-joined names), after checking it
-  against the `abstract` tree of the model (`what`, for the error): an error lists every missing,
-  unexpected and mis-shaped parameter at once."""
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
-  try:
-    stored = safetensors.numpy.load_file(path)
-  except Exception as e:  # safetensors raises several types for a corrupt file
-    raise ValueError(f'cannot read safetensors file {path}: {e}') from e
-  missing = sorted(set(want) - set(stored))
-  unexpected = sorted(set(stored) - set(want))
-  misshaped = sorted(f'{k}: stored {stored[k].shape}, expected {want[k]}'
-                     for k in set(want) & set(stored) if tuple(stored[k].shape) != want[k])
-  if missing or unexpected or misshaped:
-    raise ValueError(f'{path} does not match {what}: missing keys {missing}; unexpected keys '
-                     f'{unexpected}; wrong shapes {misshaped}')
-  return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in stored.items()},
-                                      sep='/')
-
-
 def save(folder: str, params: Mapping, config: ClassifierConfig,
          results: Mapping[str, Any] | None = None) -> None:
   """Writes `config.json`, `model.safetensors` and (if given) `results.json` into `folder`."""
   if isinstance(config, Mapping):
     config = ClassifierConfig.from_dict(config)
-  save_folder(folder, params, config.to_dict(), results)
-
-
-def save_folder(folder: str, params: Mapping, config: Mapping,
-                results: Mapping[str, Any] | None = None) -> None:
-  """The model-folder layout shared by the small project-trained models: `config.json` (the
-  config dict), `model.safetensors` (flat '/'-joined names) and, if given, `results.json`."""
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, CONFIG), 'w') as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
-  safetensors.numpy.save_file(flatten_params(params), os.path.join(folder, WEIGHTS))
-  if results is not None:
-    with open(os.path.join(folder, RESULTS), 'w') as f:
-      json.dump(dict(results), f, indent=2)
+  model_folder.save(folder, params, config.to_dict(), results)
 
 
 def load(folder: str | None = None) -> tuple[Classifier, dict]:
@@ -222,28 +178,16 @@ def load(folder: str | None = None) -> tuple[Classifier, dict]:
 
   The stored names and shapes must match the config's model exactly; an error lists the missing,
   unexpected and mis-shaped parameters."""
-  if folder is None:
-    folder = digits.classifier_dir()
-  folder = os.fspath(folder)
-  for name in (CONFIG, WEIGHTS):
-    if not os.path.isfile(os.path.join(folder, name)):
-      raise FileNotFoundError(f'{folder} is not a classifier folder: {name} is missing')
-  with open(os.path.join(folder, CONFIG)) as f:
-    config = ClassifierConfig.from_dict(json.load(f))
+  folder = os.fspath(digits.classifier_dir(folder))
+  config = ClassifierConfig.from_dict(model_folder.read_config(folder, 'classifier'))
   model = Classifier(config)
   s = config.image_size
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3)))['params']
-  params = load_params(os.path.join(folder, WEIGHTS), abstract,
-                       f'the classifier of {os.path.join(folder, CONFIG)}')
+  params = model_folder.load_params(folder, abstract,
+                                   f'the classifier of {os.path.join(folder, model_folder.CONFIG)}')
   return model, params
 
 
 def read_results(folder: str | None = None) -> dict:
-  """The `results.json` of a classifier folder ({} if it has none)."""
-  if folder is None:
-    folder = digits.classifier_dir()
-  path = os.path.join(folder, RESULTS)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  """The `results.json` of a classifier folder ({} if it has none); None: the shipped one."""
+  return model_folder.read_results(digits.classifier_dir(folder))

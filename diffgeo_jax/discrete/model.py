@@ -13,7 +13,7 @@ zero-initialised, so the untrained network is the identity plus a zero head (uni
 Positions are a learned embedding (the official DDiT uses rotary). No dropout; float32 throughout.
 
 A model folder holds `config.json` (`TransformerConfig`), `model.safetensors` (flat '/'-joined
-parameter names, as the digits classifier's) and `results.json` (how it was trained). Trained
+parameter names: `model_folder`) and `results.json` (how it was trained). Trained
 Countdown and digits folders ship with the package: `load(pretrained_dir('countdown'))`.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -32,12 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffgeo_jax.digits.classifier import load_params, save_folder
+from diffgeo_jax import model_folder
 from diffgeo_jax.discrete import processes
-
-WEIGHTS = 'model.safetensors'
-CONFIG = 'config.json'
-RESULTS = 'results.json'
 # Model folders shipped inside the package (pretrained/README.md: how they were trained).
 PRETRAINED = ('countdown', 'digits')
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -264,22 +259,18 @@ def save(folder: str, params: Mapping, config: TransformerConfig,
   """Writes `config.json`, `model.safetensors` and (if given) `results.json` into `folder`."""
   if isinstance(config, Mapping):
     config = TransformerConfig.from_dict(config)
-  save_folder(folder, params, config.to_dict(), results)
+  model_folder.save(folder, params, config.to_dict(), results)
 
 
 def load(folder: str) -> tuple[Transformer, dict, TransformerConfig]:
   """(model, params, config) from a model folder. The stored names and shapes must match the
   config's model exactly; an error lists the missing, unexpected and mis-shaped parameters."""
   folder = os.fspath(folder)
-  for name in (CONFIG, WEIGHTS):
-    if not os.path.isfile(os.path.join(folder, name)):
-      raise FileNotFoundError(f'{folder} is not a discrete model folder: {name} is missing')
-  with open(os.path.join(folder, CONFIG)) as f:
-    config = TransformerConfig.from_dict(json.load(f))
+  config = TransformerConfig.from_dict(model_folder.read_config(folder, 'discrete model'))
   model = Transformer(config)
   abstract = jax.eval_shape(lambda: init(jax.random.key(0), config)[1])
-  params = load_params(os.path.join(folder, WEIGHTS), abstract,
-                       f'the transformer of {os.path.join(folder, CONFIG)}')
+  params = model_folder.load_params(
+      folder, abstract, f'the transformer of {os.path.join(folder, model_folder.CONFIG)}')
   return model, params, config
 
 
@@ -298,8 +289,4 @@ def pretrained_dir(name: str) -> str:
 
 def read_results(folder: str) -> dict:
   """The `results.json` of a model folder ({} if it has none)."""
-  path = os.path.join(folder, RESULTS)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return model_folder.read_results(folder)

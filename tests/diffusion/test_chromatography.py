@@ -12,12 +12,12 @@ import pytest
 from absl.testing import parameterized
 
 from diffgeo_jax.diffusion import chromatography as chrom
-from diffgeo_jax.diffusion import guidance, samplers, schedules
+from diffgeo_jax.diffusion import guidance, resolution, samplers, schedules
 from tests import report
 
 SD = schedules.scaled_linear()  # beta 0.00085..0.012 (sqrt-linear), 1000 steps
 DDPM = schedules.linear()  # beta 1e-4..0.02
-D, U = chrom.avg_pool, chrom.nearest_upsample
+D, U = resolution.avg_pool, resolution.nearest_upsample
 
 # Notes §2: peak t of -dS_m/dt (numerical, discrete t).
 PEAKS = {'sd': {1: 313, 2: 599, 4: 780, 8: 917}, 'ddpm': {1: 219, 2: 408, 4: 546, 8: 656}}
@@ -34,23 +34,23 @@ class SnrMatchingTest(chex.TestCase):
   @parameterized.parameters(2, 3, 4, 1.5)
   def test_tau_has_m_squared_times_the_snr(self, m):
     t = jnp.arange(20.0, 1000.0, 37.5)  # floats; small t (tau clipped at 0) excluded
-    tau = self.variant(lambda t: chrom.adjusted_timestep(SD, t, m))(t)
+    tau = self.variant(lambda t: resolution.adjusted_timestep(SD, t, m))(t)
     err = float(jnp.abs(SD.log_snr_at(tau) - SD.log_snr_at(t) - 2 * math.log(m)).max())
     report.record(f'|lambda(tau) - lambda(t) - 2 ln m|, m={m}', err)
     assert err < 1e-4  # float32 log-SNR ~ 10: a few ulps
     assert np.all(np.asarray(tau) < np.asarray(t)) if m > 1 else True
     # alpha_bar_tau = alpha_bar_t / P_t = S_m(t), and SNR_m = m^2 SNR.
     chex.assert_trees_all_close(SD.alpha_cumprod_at(tau),
-                                SD.alpha_cumprod_at(t) / chrom.power(SD, t, m), rtol=2e-5)
+                                SD.alpha_cumprod_at(t) / resolution.power(SD, t, m), rtol=2e-5)
     snr = SD.alpha_cumprod_at(t) / (1 - SD.alpha_cumprod_at(t))
-    chex.assert_trees_all_close(chrom.resolution_snr(SD, t, m), m ** 2 * snr, rtol=1e-4)
+    chex.assert_trees_all_close(resolution.resolution_snr(SD, t, m), m ** 2 * snr, rtol=1e-4)
 
   @parameterized.parameters(('sd', 2), ('sd', 3), ('ddpm', 2))
   def test_reference_tau_values(self, name, m):
     """The notes list integer tau; ours is the float log-SNR match, so it must be within half a
     step of theirs (and round to it)."""
     ref = TAUS[(name, m)]
-    tau = np.asarray(chrom.adjusted_timestep(SCHEDULES[name], np.array(list(ref), np.float32), m))
+    tau = np.asarray(resolution.adjusted_timestep(SCHEDULES[name], np.array(list(ref), np.float32), m))
     report.record(f'{name} m={m} tau(t) for t={list(ref)}', np.array2string(tau, precision=2))
     np.testing.assert_array_equal(np.round(tau), list(ref.values()))
     assert np.abs(tau - np.array(list(ref.values()))).max() <= 0.5
@@ -58,15 +58,15 @@ class SnrMatchingTest(chex.TestCase):
   def test_notes_alpha_bar_check_at_600(self):
     # "at SD t=600, m=2, 0.4339 vs 0.4341": alpha_bar_t / P_t vs the table at the integer tau 394;
     # at our float tau the two agree.
-    tau = chrom.adjusted_timestep(SD, 600, 2)
-    np.testing.assert_allclose(SD.alphas_cumprod[600] / chrom.power(SD, 600, 2), 0.4339, atol=5e-5)
+    tau = resolution.adjusted_timestep(SD, 600, 2)
+    np.testing.assert_allclose(SD.alphas_cumprod[600] / resolution.power(SD, 600, 2), 0.4339, atol=5e-5)
     np.testing.assert_allclose(SD.alphas_cumprod[394], 0.4341, atol=5e-5)
     np.testing.assert_allclose(SD.alpha_cumprod_at(tau), 0.4339, atol=5e-5)
 
   def test_clipped_at_zero_and_identity_at_m_one(self):
-    np.testing.assert_array_equal(chrom.adjusted_timestep(SD, 0, 2), 0.0)
+    np.testing.assert_array_equal(resolution.adjusted_timestep(SD, 0, 2), 0.0)
     t = jnp.array([0.0, 10.0, 500.0, 999.0])
-    chex.assert_trees_all_close(chrom.adjusted_timestep(SD, t, 1), t, atol=1e-3)
+    chex.assert_trees_all_close(resolution.adjusted_timestep(SD, t, 1), t, atol=1e-3)
 
   def test_pooled_noise_variance_and_power(self):
     """m D eps has unit variance (so D x_t / sqrt(P_t) is a unit-scale low-res sample at tau);
@@ -76,7 +76,7 @@ class SnrMatchingTest(chex.TestCase):
     report.record('var(2 D eps)', var)
     assert abs(var - 1) < 0.03
     ab = SD.alphas_cumprod[700]
-    np.testing.assert_allclose(chrom.power(SD, 700, 2), ab + (1 - ab) / 4, rtol=1e-6)
+    np.testing.assert_allclose(resolution.power(SD, 700, 2), ab + (1 - ab) / 4, rtol=1e-6)
 
 
 class ChromatogramTest(parameterized.TestCase):
@@ -124,29 +124,17 @@ class ChromatogramTest(parameterized.TestCase):
       assert pk < int(chrom.peak_time(SD, m))  # the band's own detail comes after its peak
       assert float(band[int(chrom.peak_time(SD, 2 * m))]) < 0  # the coarser band dominates there
 
-  def test_plot_makes_a_figure(self):
-    import io
-    fig = chrom.plot_chromatogram(SD, [1, 2, 4, 8])
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 4  # S_m for each m
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png')
-    assert buf.getvalue()[:8] == b'\x89PNG\r\n\x1a\n'
-    band = chrom.plot_chromatogram(DDPM, [2], band=True)
-    assert band.axes[1].get_ylabel() == r'$g_m - g_{2m}$'
-    with pytest.raises(ValueError, match='factors must be a positive number'):
-      chrom.plot_chromatogram(SD, [0])
-
 
 class PromptSwitchTest(chex.TestCase):
 
   def test_switch_time_rules(self):
     for m in (1, 2, 4, 8):
       t_s = chrom.switch_time(SD, m)
-      s_m = jax.nn.sigmoid(chrom.resolution_log_snr(SD, t_s, m))
+      s_m = jax.nn.sigmoid(resolution.resolution_log_snr(SD, t_s, m))
       np.testing.assert_allclose(s_m, 0.5, atol=1e-5)
       np.testing.assert_allclose(chrom.switch_time(SD, m, rule='peak'), chrom.peak_time(SD, m))
     t_30 = chrom.switch_time(SD, 4, level=0.3)
-    np.testing.assert_allclose(jax.nn.sigmoid(chrom.resolution_log_snr(SD, t_30, 4)), 0.3,
+    np.testing.assert_allclose(jax.nn.sigmoid(resolution.resolution_log_snr(SD, t_30, 4)), 0.3,
                                atol=1e-5)
     ts = [float(chrom.switch_time(SD, m)) for m in (1, 2, 4, 8)]
     report.record('SD switch times S_m = 1/2, m=1,2,4,8', str([round(t, 1) for t in ts]))
@@ -212,8 +200,8 @@ class CascadeTest(chex.TestCase):
     n_low, n_high = jax.random.normal(ks[1], x_low.shape), jax.random.normal(
         ks[2], (2, 4 * m, 4 * m, 3))
     x = chrom.cascade_start(x_low, SD, t, m, n_low, n_high)
-    tau = chrom.adjusted_timestep(SD, t, m)
-    p = chrom.power(SD, t, m)
+    tau = resolution.adjusted_timestep(SD, t, m)
+    p = resolution.power(SD, t, m)
     # The low-res view is x_low noised to tau; the high frequencies are the fresh noise.
     chex.assert_trees_all_close(D(x, m) / jnp.sqrt(p), SD.add_noise(x_low, n_low, tau), atol=1e-6)
     hf = lambda a: a - U(D(a, m), m)
@@ -266,16 +254,16 @@ class ErrorsTest(parameterized.TestCase):
   def test_bad_factors_and_times(self):
     for bad in (0, -2, float('nan'), True):
       with pytest.raises(ValueError, match='factor must be a positive number'):
-        chrom.adjusted_timestep(SD, 500, bad)
+        resolution.adjusted_timestep(SD, 500, bad)
     with pytest.raises(ValueError, match=r't must be in \[0, 999\]'):
-      chrom.adjusted_timestep(SD, 1000.0, 2)
+      resolution.adjusted_timestep(SD, 1000.0, 2)
     with pytest.raises(ValueError, match='factor must be a positive number'):
       chrom.signal_fraction(SD, 0)
     with pytest.raises(ValueError, match=r'factor=3 must divide the spatial size \(H, W\) = '
                        r'\(8, 8\) of x'):
-      chrom.avg_pool(jnp.zeros((1, 8, 8, 1)), 3)
+      resolution.avg_pool(jnp.zeros((1, 8, 8, 1)), 3)
     with pytest.raises(ValueError, match='x must be NHWC'):
-      chrom.avg_pool(jnp.zeros((8, 8)), 2)
+      resolution.avg_pool(jnp.zeros((8, 8)), 2)
 
   def test_bad_cascade_arguments(self):
     x_low, f = jnp.zeros((1, 4, 4, 1)), lambda x, t: x

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from diffgeo_jax.diffusion import chromatography as chrom
-from diffgeo_jax.diffusion import guidance, samplers, schedules
+from diffgeo_jax.diffusion import guidance, resolution, samplers, schedules
 from tests import report
 
 B, H, W, C = 2, 8, 8, 3
 S = schedules.scaled_linear()
-D, U = chrom.avg_pool, chrom.nearest_upsample
+D, U = resolution.avg_pool, resolution.nearest_upsample
 
 
 def fake_eps(x, t):
@@ -56,7 +55,7 @@ def x_t(seed=0, shape=(B, H, W, C)):
 
 
 def low_res_input(x, t, m, s=S):
-  return D(x, m) / guidance._bcast(jnp.sqrt(chrom.power(s, t, m)), D(x, m))
+  return D(x, m) / guidance._bcast(jnp.sqrt(resolution.power(s, t, m)), D(x, m))
 
 
 class IdentityTest(chex.TestCase):
@@ -67,7 +66,7 @@ class IdentityTest(chex.TestCase):
     t = jnp.array([700.0, 31.25]) if t == 'per_sample' else t
     x = x_t(1)
     got = self.variant(lambda x, t: guidance.upsample(fake_eps, x, t, S, m, 1.0))(x, t)
-    eps_low = fake_eps(low_res_input(x, t, m), chrom.adjusted_timestep(S, t, m))
+    eps_low = fake_eps(low_res_input(x, t, m), resolution.adjusted_timestep(S, t, m))
     err_low = float(jnp.abs(D(got, m) - eps_low / m).max())
     err_high = float(jnp.abs(high_freq(got, m) - high_freq(fake_eps(x, t), m)).max())
     report.record(f'UG w=1 m={m}: |D eps_hat - eps_low/m|, |(I-UD)(eps_hat - eps)|',
@@ -78,7 +77,7 @@ class IdentityTest(chex.TestCase):
     x, t, m, w = x_t(2), 500, 2, 1.7
     got = guidance.upsample(fake_eps, x, t, S, m, w)
     eps = fake_eps(x, t)
-    eps_low = fake_eps(low_res_input(x, t, m), chrom.adjusted_timestep(S, t, m))
+    eps_low = fake_eps(low_res_input(x, t, m), resolution.adjusted_timestep(S, t, m))
     chex.assert_trees_all_close(D(got, m), (1 - w) * D(eps, m) + w * eps_low / m, atol=1e-6)
     chex.assert_trees_all_close(high_freq(got, m), high_freq(eps, m), atol=1e-6)
 
@@ -90,7 +89,7 @@ class IdentityTest(chex.TestCase):
     x, m = 3 * x_t(3), 2
     got = guidance.upsample(fake_eps, x, t, S, m, 1.0)
     x0_hi, _ = S.split_prediction(got, x, t)
-    tau = chrom.adjusted_timestep(S, t, m)
+    tau = resolution.adjusted_timestep(S, t, m)
     y = low_res_input(x, t, m)
     x0_lo, _ = S.split_prediction(fake_eps(y, tau), y, tau)
     err = float(jnp.abs(D(x0_hi, m) - x0_lo).max() / jnp.abs(x0_lo).max())
@@ -104,7 +103,7 @@ class IdentityTest(chex.TestCase):
     for t in (999, 640, 200):
       x = x_t(4)
       got = guidance.upsample(gaussian_eps(S), x, t, S, m, 1.0)
-      ab, p = S.alpha_cumprod_at(t), chrom.power(S, t, m)
+      ab, p = S.alpha_cumprod_at(t), resolution.power(S, t, m)
       want = jnp.sqrt(1 - ab) * (D(x, m) - jnp.sqrt(ab) * mu) / (m ** 2 * p)
       chex.assert_trees_all_close(D(got, m), want, atol=1e-6)
 
@@ -123,7 +122,7 @@ class IdentityTest(chex.TestCase):
     y = low_res_input(x_T, float(ts[0]), m)
     errs = []
     for i, (t, ap) in enumerate(zip(ts[:-1], alpha_prev[:-1])):
-      tau = chrom.adjusted_timestep(S, float(t), m)
+      tau = resolution.adjusted_timestep(S, float(t), m)
       assert float(tau) > 0
       ap_low = ap / (ap + (1 - ap) / m ** 2)
       y, _ = samplers.ddim_step(S, fake_eps(y, tau), y, tau, ap_low)
@@ -164,7 +163,7 @@ class WeightZeroAndWindowTest(chex.TestCase):
     np.testing.assert_array_equal(g(x, t)[0], exact_eps(x, t)[0])
     got = f(x, t)
     assert float(jnp.abs(g(x, t)[1] - exact_eps(x, t)[1]).max()) > 1e-3
-    eps_low = fake_eps(low_res_input(x, t, m), chrom.adjusted_timestep(S, t, m))
+    eps_low = fake_eps(low_res_input(x, t, m), resolution.adjusted_timestep(S, t, m))
     chex.assert_trees_all_close(D(got, m)[1], eps_low[1] / m, atol=1e-6)
 
 
@@ -187,7 +186,7 @@ class AblationTest(parameterized.TestCase):
     np.testing.assert_array_equal(x_hi, x)
     np.testing.assert_array_equal(t_hi, t)
     want_y = low_res_input(x, t, m) if power_adjustment else D(x, m)
-    want_tau = chrom.adjusted_timestep(S, t, m) if time_adjustment else t
+    want_tau = resolution.adjusted_timestep(S, t, m) if time_adjustment else t
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(tau, want_tau)
     if power_adjustment:

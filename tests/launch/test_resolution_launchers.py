@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffgeo_jax import digits, models
-from diffgeo_jax.diffusion import chromatography, pipeline
+from diffgeo_jax.diffusion import pipeline, resolution
 from diffgeo_jax.digits import classifier, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +51,7 @@ def test_upsample_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
   want = np.arange(10)  # quick: one red sample per digit, digit-major
   for name, rec in variants.items():
     low = out[name] if name == 'native' else np.asarray(
-        chromatography.avg_pool(jnp.asarray(out[name]), 2))
+        resolution.avg_pool(jnp.asarray(out[name]), 2))
     x = low * 2 - 1
     np.testing.assert_allclose(rec['digit_accuracy'], np.mean(scorer.predict(x) == want))
     np.testing.assert_allclose(rec['colour_accuracy'],
@@ -107,3 +108,34 @@ def test_chromatography_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
     np.testing.assert_allclose(colour['show_second'][t_index], np.mean(got == 2))
   s_half = {f: float(v) for f, v in m['schedule']['half_time'].items()}
   assert s_half['1'] < s_half['2'] < s_half['4'] < s_half['8']  # coarser settles earlier
+
+
+def test_chromatogram_plot():
+  """The binary's figure (its module defines absl flags, so it is imported in a process of its
+  own): two panels with S_m for each m; the band panel plots the library's g_m - g_2m."""
+  script = textwrap.dedent('''
+      import io, json
+      import numpy as np
+      from diffgeo_jax.diffusion import chromatography, schedules
+      from launch import chromatography as binary
+      fig = binary.plot_chromatogram(schedules.scaled_linear(), [1, 2, 4, 8])
+      buf = io.BytesIO()
+      fig.savefig(buf, format='png')
+      band = binary.plot_chromatogram(schedules.linear(), [2], band=True)
+      err = np.max(np.abs(band.axes[1].lines[0].get_ydata() - np.asarray(
+          chromatography.band_generation_rate(schedules.linear(), 2))))
+      try:
+        binary.plot_chromatogram(schedules.scaled_linear(), [0])
+        refused = ''
+      except ValueError as e:
+        refused = str(e)
+      print(json.dumps(dict(axes=len(fig.axes), lines=len(fig.axes[0].lines),
+                            png=buf.getvalue()[:4].hex(), band_label=band.axes[1].get_ylabel(),
+                            band_err=float(err), refused=refused)))
+  ''')
+  out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (got['axes'], got['lines'], got['png']) == (2, 4, '89504e47')
+  assert got['band_label'] == r'$g_m - g_{2m}$' and got['band_err'] == 0.0
+  assert 'factors must be a positive number' in got['refused']

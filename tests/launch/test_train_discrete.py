@@ -11,6 +11,7 @@ import pytest
 
 from configs.discrete import countdown as countdown_config
 from configs.discrete import digits as digits_config
+from diffgeo_jax.digits import digit_tokens
 from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
 from launch import train_discrete
@@ -71,8 +72,8 @@ def test_tiny_run_writes_a_model_that_reproduces_its_results(tmp_path, name):
         data.countdown_entropy(config.data.length, v) / config.data.length)
     assert abs(bayes['elbo'] - results['entropy_per_token']) < 0.25  # ELBO of the truth ~ H
   else:
-    assert len(tokens) == held['sequences'] == len(data.digit_tokens('test')[0])
-    assert results['train']['sequences'] == len(data.digit_tokens('train')[0])
+    assert len(tokens) == held['sequences'] == len(digit_tokens.load('test')[0])
+    assert results['train']['sequences'] == len(digit_tokens.load('train')[0])
 
 
 def test_batches_are_deterministic_and_digits_use_the_train_split():
@@ -80,7 +81,7 @@ def test_batches_are_deterministic_and_digits_use_the_train_split():
   a, b = job.batch_fn(3), job.batch_fn(3)
   np.testing.assert_array_equal(a['tokens'], b['tokens'])
   assert not np.array_equal(a['tokens'], job.batch_fn(4)['tokens'])
-  train = {r.tobytes() for r in data.digit_tokens('train')[0]}
+  train = {r.tobytes() for r in digit_tokens.load('train')[0]}
   assert all(r.tobytes() in train for r in a['tokens'])
   cd = train_discrete.Job(countdown_config.get_config('tiny'))
   x = cd.batch_fn(0)['tokens']
