@@ -11,7 +11,7 @@ projections (attn1 q, k, v, out), B pairs: the policy pass on [x+_t, x-_t, x_T] 
 the reference pass (torch: `unet.disable_adapters()` under no_grad; ours: the base parameters,
 stop_gradient), the loss, its backward through the LoRA factors and an AdamW update.
 * torch: `unet.add_adapter(LoraConfig(...))`, `torch.optim.AdamW` over the LoRA parameters.
-* ours: `trainer.make_train_step(losses.duo_loss ...)` with the base parameters as the frozen
+* ours: `trainer.make_train_step(duo.loss ...)` with the base parameters as the frozen
   argument, `jax.jit`.
 Both start from B = 0, so the first loss is ln 2 on both sides (printed as a check). Timings are
 medians over `--repeats` steps after one warm-up step (ours: the compile is reported apart).
@@ -30,7 +30,8 @@ from absl import app, flags
 
 from benchmarks.common import CONFIGS, build_unets, environment, median_time
 from diffgeo_jax.diffusion import schedules
-from diffgeo_jax.training import lora, losses, trainer
+from diffgeo_jax.training import lora, trainer
+from diffgeo_jax.unlearning import duo
 
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed steps per side.')
 _PAIRS = flags.DEFINE_integer('pairs', 2, 'Pairs per step (the official script: 1 per GPU).')
@@ -113,7 +114,7 @@ def main(argv):
     return model.apply({'params': p}, x, t, context)
 
   def loss_fn(lp, batch, key, base):
-    return losses.duo_loss(eps_fn, base, lp, batch, key, sched, beta=BETA, prior_weight=PRIOR)
+    return duo.loss(eps_fn, base, lp, batch, key, sched, beta=BETA, prior_weight=PRIOR)
 
   lp = lora.init(jax.random.key(1), params, rank=rank, targets=r'attn1/to_(q|k|v|out_0)$',
                  alpha=float(rank))

@@ -7,7 +7,8 @@ value and gradient; ours and diffusers side by side. Medians of 5 after a warm-u
 import time, jax, jax.numpy as jnp, numpy as np
 from benchmarks.common import CONFIGS, build_unets
 from diffgeo_jax.diffusion import schedules
-from diffgeo_jax.training import lora, losses
+from diffgeo_jax.training import lora
+from diffgeo_jax.unlearning import duo
 tmodel, model, params, cfg, _ = build_unets('small')
 s = CONFIGS['small']['size']; b=2
 rng=np.random.default_rng(0)
@@ -16,7 +17,7 @@ batch={'positive': jnp.asarray(rng.uniform(-1,1,(b,s,s,cfg.in_channels)),jnp.flo
 sched=schedules.scaled_linear(1000)
 eps_fn=lambda p,x,t,c: model.apply({'params':p},x,t,c)
 lp=lora.init(jax.random.key(1), params, rank=4, targets=r'attn1/to_(q|k|v|out_0)$', alpha=4.)
-f=lambda lp,k: losses.duo_loss(eps_fn, params, lp, batch, k, sched, beta=500., prior_weight=5e6)[0]
+f=lambda lp,k: duo.loss(eps_fn, params, lp, batch, k, sched, beta=500., prior_weight=5e6)[0]
 x=jnp.zeros((3*b,s,s,cfg.in_channels)); t=jnp.zeros((3*b,),jnp.int32); c=jnp.concatenate([batch['context']]*3)
 fwd=jax.jit(lambda p: eps_fn(p,x,t,c))
 def g_fwd(p): return jnp.sum(eps_fn(p,x,t,c)**2)

@@ -37,7 +37,8 @@ from ml_collections import config_flags
 from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.digits import dataset, metrics
-from diffgeo_jax.training import embedding_attack, lora
+from diffgeo_jax.training import lora
+from diffgeo_jax.unlearning import embedding_attack
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/duo/evaluate.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder.', required=True)

@@ -87,7 +87,7 @@ def test_adversarial_rounds(tmp_path):
   rows = dict(np.load(tmp_path / 'adversarial_rows.npz'))
   assert sorted(rows) == ['2']
   pipe = models.load_pipeline(digits.pipeline_dir())
-  from diffgeo_jax.training import embedding_attack
+  from diffgeo_jax.unlearning import embedding_attack
   token = embedding_attack.concept_token(pipe, 'eight')
   word = np.asarray(embedding_attack.embedding_table(pipe.text_encoder_params)[token])
   assert np.linalg.norm(rows['2'] - word) > 1e-4
@@ -138,7 +138,8 @@ _EIGHT = textwrap.dedent('''
     from configs.duo import digits as duo_config
     from diffgeo_jax import digits, models
     from diffgeo_jax.diffusion import schedules
-    from diffgeo_jax.training import lora, losses, sharding, trainer
+    from diffgeo_jax.training import lora, sharding, trainer
+    from diffgeo_jax.unlearning import duo
     assert jax.device_count() == 8, jax.devices()
     config = duo_config.get_config('tiny')
     config.train.learning_rate = 1e-3
@@ -151,7 +152,7 @@ _EIGHT = textwrap.dedent('''
       lp = lora.init(key, base, rank=4, targets=r'attn1/to_(q|k|v|out_0)$')
       return jax.tree.map(lambda a: a + 0.05, lp)
     def loss_fn(lp, batch, key, frozen):
-      return losses.duo_loss(eps_fn, frozen, lp, batch, key, sched, beta=50.0, prior_weight=10.0,
+      return duo.loss(eps_fn, frozen, lp, batch, key, sched, beta=50.0, prior_weight=10.0,
                              retain_weight=5.0)
     rng = np.random.default_rng(0)
     ctx_dim = pipe.unet.config.cross_attention_dim

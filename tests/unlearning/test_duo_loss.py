@@ -9,6 +9,7 @@ import pytest
 
 from diffgeo_jax.diffusion import schedules
 from diffgeo_jax.training import lora, losses
+from diffgeo_jax.unlearning import duo
 
 B, H, C, D = 3, 4, 2, 5  # pairs, image side, channels, context width
 
@@ -47,7 +48,7 @@ def with_random_b(key, lp):
 def test_ln2_at_initialisation():
   params = init_params(jax.random.key(0))
   lp = lora.init(jax.random.key(1), params, rank=2, targets=r'conv|proj')
-  loss, m = jax.jit(lambda lp, key: losses.duo_loss(
+  loss, m = jax.jit(lambda lp, key: duo.loss(
       eps_fn, params, lp, batch(jax.random.key(2)), key, SCHED, beta=500.0,
       prior_weight=1e6))(lp, jax.random.key(3))
   np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-7)
@@ -59,7 +60,7 @@ def test_value_recomputed_in_numpy():
   lp = with_random_b(jax.random.key(4), lora.init(jax.random.key(1), params, rank=2,
                                                   targets=r'conv|proj', alpha=4.0))
   data, key, beta, lam = batch(jax.random.key(2)), jax.random.key(5), 300.0, 10.0
-  loss, m = losses.duo_loss(eps_fn, params, lp, data, key, SCHED, beta=beta, prior_weight=lam,
+  loss, m = duo.loss(eps_fn, params, lp, data, key, SCHED, beta=beta, prior_weight=lam,
                             t_min=1, t_max=750)
   # The documented draws: k_noise, k_t = split(key); eps (B, ...) shared; t (2B,) in [0, 750).
   k_noise, k_t = jax.random.split(key)
@@ -102,8 +103,8 @@ def test_retain_term_recomputed_in_numpy():
   with_retain = {**data, 'retain': jax.random.normal(k1, (r, H, H, C)),
                  'retain_context': jax.random.normal(k2, (r, D))}
   kw = dict(beta=300.0, prior_weight=10.0)
-  loss0, m0 = losses.duo_loss(eps_fn, params, lp, data, key, SCHED, **kw)
-  loss, m = losses.duo_loss(eps_fn, params, lp, with_retain, key, SCHED, retain_weight=7.0, **kw)
+  loss0, m0 = duo.loss(eps_fn, params, lp, data, key, SCHED, **kw)
+  loss, m = duo.loss(eps_fn, params, lp, with_retain, key, SCHED, retain_weight=7.0, **kw)
   k_rn, k_rt = jax.random.split(jax.random.fold_in(key, 2))
   t = np.asarray(jax.random.randint(k_rt, (r,), 0, 1000))
   noise = np.asarray(jax.random.normal(k_rn, (r, H, H, C)), np.float64)
@@ -120,7 +121,7 @@ def test_retain_term_recomputed_in_numpy():
   np.testing.assert_allclose(loss, loss0 + 7.0 * want, rtol=2e-4)
   assert want > 1e-4
   with pytest.raises(ValueError, match='retain_context'):
-    losses.duo_loss(eps_fn, params, lp, data, key, SCHED, retain_weight=1.0, **kw)
+    duo.loss(eps_fn, params, lp, data, key, SCHED, retain_weight=1.0, **kw)
 
 
 def test_gradient_matches_finite_differences():
@@ -135,7 +136,7 @@ def test_gradient_matches_finite_differences():
     key = jax.random.key(6)
 
     def f(lp):  # every term: DUO, prior and retain
-      return losses.duo_loss(eps_fn, params, lp, data, key, SCHED, beta=50.0,
+      return duo.loss(eps_fn, params, lp, data, key, SCHED, beta=50.0,
                              prior_weight=3.0, retain_weight=2.0)[0]
 
     grad = jax.grad(f)(lp)
@@ -153,18 +154,18 @@ def test_gradient_matches_finite_differences():
 
 
 def test_hyperparameter_coupling_and_errors():
-  lr, lam = losses.duo_hyperparameters(3e-4, 1e6, 500.0)
+  lr, lam = duo.hyperparameters(3e-4, 1e6, 500.0)
   chex.assert_trees_all_close((lr, lam), (6e-5, 5e6))
   with pytest.raises(ValueError, match='beta'):
-    losses.duo_hyperparameters(3e-4, 1e6, 0.0)
+    duo.hyperparameters(3e-4, 1e6, 0.0)
   params = init_params(jax.random.key(0))
   lp = lora.init(jax.random.key(1), params, rank=2, targets=r'conv')
   bad = dict(batch(jax.random.key(2)))
   del bad['context']
   with pytest.raises(ValueError, match='context'):
-    losses.duo_loss(eps_fn, params, lp, bad, jax.random.key(0), SCHED, beta=1.0)
+    duo.loss(eps_fn, params, lp, bad, jax.random.key(0), SCHED, beta=1.0)
   with pytest.raises(ValueError, match='t_min'):
-    losses.duo_loss(eps_fn, params, lp, batch(jax.random.key(2)), jax.random.key(0), SCHED,
+    duo.loss(eps_fn, params, lp, batch(jax.random.key(2)), jax.random.key(0), SCHED,
                     beta=1.0, t_min=0)
   with pytest.raises(ValueError, match='same shape'):
     losses.denoising_error(jnp.zeros((2, 3)), jnp.zeros((2, 4)))

@@ -10,7 +10,7 @@ import pytest
 from diffgeo_jax import digits, models
 from diffgeo_jax.diffusion import pipeline, schedules
 from diffgeo_jax.digits import dataset
-from diffgeo_jax.training import embedding_attack
+from diffgeo_jax.unlearning import embedding_attack
 
 
 @pytest.fixture(scope='module')
