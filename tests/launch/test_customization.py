@@ -16,9 +16,10 @@ from PIL import Image
 from diffgeo_jax import digits, models
 from diffgeo_jax.diffusion import pipeline
 from diffgeo_jax.training import lora
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+ENV = compile_cache.env()
 CONFIG = os.path.join(ROOT, 'configs', 'decor', 'digits.py')
 
 

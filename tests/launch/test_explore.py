@@ -17,6 +17,7 @@ from diffgeo_jax import digits, models
 from diffgeo_jax.diffusion import guidance, samplers, schedules
 from diffgeo_jax.diffusion import pipeline as pl
 from diffgeo_jax.geometry import grassmann, pullback, spectra
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +29,7 @@ def explored(tmp_path_factory):
       [sys.executable, os.path.join(ROOT, 'launch', 'explore.py'),
        f'--config={os.path.join(ROOT, "configs", "explore", "digits.py")}:quick',
        '--config.seeds=(0, 1)', f'--workdir={out}'],
-      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=600, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out
@@ -92,7 +93,7 @@ def test_runs_on_a_latent_stable_diffusion_folder(tmp_path, diffusers_pipeline_d
        f'--config={os.path.join(ROOT, "configs", "explore", "digits.py")}:quick',
        f'--config.pipeline_dir={diffusers_pipeline_dir}', "--config.prompts=('a red digit',)",
        '--config.seeds=(0, 1)', f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=600, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   b = np.load(tmp_path / 'bases.npz')

@@ -13,9 +13,10 @@ import numpy as np
 import scipy.stats
 
 from diffgeo_jax.xai import attributions, synthetic
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+ENV = compile_cache.env()
 
 
 def _run(config, workdir):

@@ -10,6 +10,7 @@ import numpy as np
 
 from configs.jys import toys
 from diffgeo_jax.discrete import processes, samplers, toy
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,7 +22,7 @@ def test_quick_toys(tmp_path):
       [sys.executable, os.path.join(ROOT, 'launch', 'jys_search.py'),
        f'--config={os.path.join(ROOT, "configs", "jys", "toys.py")}:quick',
        f'--workdir={workdir}'], capture_output=True, text=True, timeout=600, cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      env=compile_cache.env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ('config.json', 'results.json', 'schedules.json', 'table.md', 'metric.png',
                'schedules.png'):
@@ -60,7 +61,7 @@ def _run_trained(task, tmp_path):
       [sys.executable, os.path.join(ROOT, 'launch', 'jys_search.py'),
        f'--config={os.path.join(ROOT, "configs", "jys", task + ".py")}:quick',
        f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=600, cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      env=compile_cache.env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(tmp_path, 'results.json')) as f:
     res = json.load(f)['metrics']

@@ -15,6 +15,7 @@ import pytest
 from diffgeo_jax import digits, models
 from diffgeo_jax.diffusion import pipeline, resolution
 from diffgeo_jax.digits import classifier, metrics
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +24,7 @@ def _run(script, config, workdir, *flags):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch', script),
        f'--config={os.path.join(ROOT, "configs", config)}:quick', f'--workdir={workdir}', *flags],
-      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=600, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / 'results.json').read_text())
@@ -72,7 +73,7 @@ def test_upsample_launcher_rejects_unknown_variant(tmp_path, tiny_digits_pipelin
        f'--config={os.path.join(ROOT, "configs", "upsample", "digits.py")}:quick',
        f'--config.pipeline_dir={tiny_digits_pipeline_dir}', "--config.variants=('guided', 'x')",
        f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode != 0
   assert "unknown variant 'x' in config.variants" in proc.stderr
@@ -134,7 +135,7 @@ def test_chromatogram_plot():
                             band_err=float(err), refused=refused)))
   ''')
   out = subprocess.run([sys.executable, '-c', script], check=True, capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                       cwd=ROOT, env=compile_cache.env())
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert (got['axes'], got['lines'], got['png']) == (2, 4, '89504e47')
   assert got['band_label'] == r'$g_m - g_{2m}$' and got['band_err'] == 0.0

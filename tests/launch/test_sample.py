@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffgeo_jax import models
 from diffgeo_jax.diffusion import pipeline
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,7 +26,7 @@ def test_sample_writes_grid_npz_and_results(tmp_path, diffusers_pipeline_dir):
        '--config.batch_size=3',  # 4 images: a full batch and a padded one
        '--config.prompts_per_row=1', '--config.grid_scale=1',
        f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ('config.json', 'results.json', 'samples.png', 'samples.npz'):
@@ -69,7 +70,7 @@ def test_missing_pipeline_dir_fails_naming_the_file(tmp_path):
       [sys.executable, os.path.join(ROOT, 'launch', 'sample.py'),
        f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
        f'--config.pipeline_dir={tmp_path / "nowhere"}', f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode != 0
   assert str(tmp_path / 'nowhere' / 'model_index.json') in proc.stderr
@@ -81,7 +82,7 @@ def test_unknown_word_for_the_digits_model_names_the_vocabulary(tmp_path, tiny_d
        f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
        f'--config.pipeline_dir={tiny_digits_pipeline_dir}',
        "--config.prompts=('a red digit three', 'a purple digit three')", f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode != 0
   assert "words outside the digits vocabulary: ['purple']" in proc.stderr
@@ -94,7 +95,7 @@ def test_default_config_is_every_digit_in_every_colour_on_the_shipped_model(tmp_
       [sys.executable, os.path.join(ROOT, 'launch', 'sample.py'),
        f'--config={os.path.join(ROOT, "configs", "sample", "default.py")}:quick',
        f'--workdir={tmp_path}'],
-      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = np.load(tmp_path / 'samples.npz')

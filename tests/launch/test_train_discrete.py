@@ -14,6 +14,7 @@ from configs.discrete import digits as digits_config
 from diffgeo_jax.digits import digit_tokens
 from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
+from tests import compile_cache
 from launch import train_discrete
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +27,7 @@ def _train(tmp_path, name, *flags):
       [sys.executable, os.path.join(ROOT, 'launch', 'train_discrete.py'),
        f'--config={os.path.join(ROOT, "configs", "discrete", name + ".py")}:tiny',
        f'--workdir={work}', *flags],
-      capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True, text=True, timeout=300, env=compile_cache.env(),
       cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return work, json.loads((work / 'results.json').read_text())['metrics']

@@ -13,9 +13,10 @@ import numpy as np
 from diffgeo_jax import digits, models
 from diffgeo_jax.digits import metrics
 from diffgeo_jax.training import lora
+from tests import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+ENV = compile_cache.env()
 
 
 def test_tiny_run(tmp_path):
