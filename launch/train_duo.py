@@ -14,15 +14,15 @@ Steps (the official `naver-ai/DUO` pipeline):
    data; NudeNet is not available in JAX). Cached in `workdir/pairs.npz` (a resumed run reuses
    them). A latent pipeline (SD) trains on one VAE posterior sample per image. Multi-host: every
    process runs the same sampling calls (each batch sharded over all devices, the images returned
-   to every process) and takes process 0's detector verdicts, so all hold the same pairs.
-   (`unlearning.pairs`)
+   to every process) and takes process 0's detector verdicts, so all hold the same pairs
+   (`unlearning.pairs`).
 2. Training: `unlearning.duo.Objective` (`duo.loss`) on the LoRA factors (the base UNet
    is the frozen reference, passed to the step, sharded by the same rules: `mesh.model` > 1
    shards parameters FSDP-style over the `model` axis), one jit-compiled step with shardings over
    the mesh, orbax checkpoints with resume (`training.trainer.Trainer`). lr and the prior weight
    follow beta as in the official scripts.
    `duo.condition` picks the text conditioning of every branch: 'empty' (the official code),
-   'prompt' (each pair under its unsafe prompt) or 'mixed' (either, per pair and step).
+   'prompt' (each pair under its unsafe prompt) or 'mixed' (either, per pair and step)
    (`unlearning.batches`).
    `duo.adversarial.every` > 0 (beyond the paper, as adversarial unlearning does) trains in
    rounds: after each, the learned-embedding attack against the current LoRA, whose embedding

@@ -5,8 +5,9 @@ conditioning of every branch, and the global batch of each step.
     trainer.Trainer(..., batch_fn=data.batch_fn)
 
 `duo.condition` picks the conditioning of every branch: 'empty' (the official code: prompt-agnostic
-unlearning), 'prompt' (each pair under its unsafe prompt: the official code's unused
---given_prompt option as we read it) or 'mixed' (either, per pair and step). After adversarial
+unlearning), 'prompt' (every branch of a pair under its unsafe prompt; ours: the official
+--given_prompt uses the safe prompt for the safe image and the empty prompt for the prior) or
+'mixed' (either, per pair and step). After adversarial
 rounds (`unlearning.adversarial`) the prompted branches also see the prompts under attacked
 embeddings.
 """
