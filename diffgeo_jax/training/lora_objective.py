@@ -32,11 +32,11 @@ class LoRAObjective:
     return self.unet.apply({'params': params}, x_t, t, context)
 
 
-def batched(tree: Any, batch_size: int, dtype=None) -> Any:
+def batched(tree: Any, batch_size: int) -> Any:
   """`jax.ShapeDtypeStruct`s of one sample (a conditioning array or SDXL's dict) with a leading
   batch axis."""
   return jax.tree.map(
-      lambda c: jax.ShapeDtypeStruct((batch_size, *c.shape), dtype or c.dtype), tree)
+      lambda c: jax.ShapeDtypeStruct((batch_size, *c.shape), c.dtype), tree)
 
 
 def sample_batch(batch_size: int, sample_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
