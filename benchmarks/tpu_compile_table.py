@@ -25,7 +25,9 @@ def main(paths: list[str]) -> str:
     # runs written before the tool read the compiler's out-of-memory message
     if not r.get('compiled') and 'fits' not in r:
       r.update(analysis.out_of_memory(r.get('error', '')))
-  order = ('model', 'job', 'program', 'topology', 'dtype', 'remat', 'attention')
+    r.setdefault('exec_time_optimization_effort', 0.0)  # runs before the effort switch
+  order = ('model', 'job', 'program', 'topology', 'dtype', 'remat', 'attention',
+           'exec_time_optimization_effort')
   records.sort(key=lambda r: tuple(str(r.get(k)) for k in order))
   return tpu_compile.table(records)
 

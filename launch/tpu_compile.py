@@ -7,6 +7,9 @@ FLOPs and a roofline bound (compiler estimates, not measured TPU times).
       --config.dtype=float32,bfloat16 --config.remat=false,true --config.attention=softmax,flash \
       --workdir=/tmp/aot
 
+`--config.exec_time_optimization_effort=-1` compiles about 10x faster with a third of the host
+memory (estimates of a less optimised program; the table marks such rows): for a small host.
+
 For every combination of topology x model x job x dtype x remat x attention,
 `diffgeo_jax.aot.jobs` builds the jitted function the job's binary runs (from the same library code), with its production
 shardings over the topology's devices (the `data` axis, and the FSDP `model` axis where a
@@ -63,6 +66,9 @@ def combinations(config) -> list[tuple]:
   dtypes = _list(config.dtype, 'dtype', ('float32', 'bfloat16'))
   remats = [r == 'true' for r in _list(config.remat, 'remat', ('false', 'true'))]
   impls = _list(config.attention, 'attention', ('softmax', 'flash'))
+  if not -1.0 <= float(config.exec_time_optimization_effort) <= 1.0:
+    raise ValueError('config.exec_time_optimization_effort must be in [-1, 1], got '
+                     f'{config.exec_time_optimization_effort!r}')
   out = []
   for t, job, dtype, remat, impl in itertools.product(topologies, job_names, dtypes, remats,
                                                       impls):
@@ -92,6 +98,7 @@ def compile_all(config, on_record=lambda records: None) -> list[dict]:
     base = {'topology': topology, 'chips': chips.chip_count(topology), 'devices': len(devices),
             'hosts': len({d.process_index for d in devices}), 'model': model, 'job': job,
             'dtype': dtype, 'remat': remat, 'attention': impl}
+    effort = float(c.exec_time_optimization_effort)
     try:
       programs = jobs.programs(job, model, devices, c)
     except Exception as e:  # a job that cannot be built for these shapes: say why, go on
@@ -104,7 +111,7 @@ def compile_all(config, on_record=lambda records: None) -> list[dict]:
       logging.info('[%d/%d] compiling %s/%s for %s (%s, %s, remat %s, %s attention) ...', i + 1,
                    len(todo), job, p.name, topology, model, dtype, remat, impl)
       r = {**base, 'program': p.name, 'mesh': p.mesh, 'steps_per_call': p.steps,
-           'notes': p.notes, **analysis.compile_program(p.lower, chip)}
+           'notes': p.notes, **analysis.compile_program(p.lower, chip, effort)}
       done[p.name] = r
       records.append(r)
       on_record(records)
@@ -136,7 +143,7 @@ def summary_line(r: dict) -> str:
 def table(records: list[dict]) -> str:
   head = ['topology (hosts)', 'model', 'job', 'program', 'dtype', 'remat', 'attention',
           'mesh (data, model)', 'compiled', 'HBM/chip GiB (args, temp)', 'fits', 'TFLOP/chip',
-          'GB/chip', 'roofline ms', 'compile s']
+          'GB/chip', 'roofline ms', 'compile s (XLA effort)']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in records:
     mem, mesh, ok = r.get('hbm_bytes', {}), r.get('mesh') or {}, r.get('compiled')
@@ -155,7 +162,8 @@ def table(records: list[dict]) -> str:
                 f'{roof * 1e3:.2f}{star}']
     else:
       cells += ['-', '-', '-']
-    cells.append(r.get('compile_seconds', '-'))
+    effort = r.get('exec_time_optimization_effort', 0.0)
+    cells.append(f'{r.get("compile_seconds", "-")}' + (f' ({effort:g})' if effort else ''))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 

@@ -63,16 +63,29 @@ def out_of_memory(error: str) -> dict:
               hbm_capacity_reported=_bytes(*oom.group(3, 4)))
 
 
-def compile_program(lower: Callable[[], Any], chip: chips_lib.Chip) -> dict:
-  """Traces and lowers (`lower()`, with attention chunked as on a TPU), compiles, analyses."""
-  record: dict[str, Any] = {'chip': chip.name, 'hbm_per_chip': chip.hbm_bytes}
+def compile_program(lower: Callable[[], Any], chip: chips_lib.Chip,
+                    exec_time_optimization_effort: float = 0.0) -> dict:
+  """Traces and lowers (`lower()`, with attention chunked as on a TPU), compiles, analyses.
+
+  `exec_time_optimization_effort` is XLA's knob in [-1, 1] (0: its default). At -1 libtpu skips
+  most of its optimisation passes: the SD-1.5 guided step compiled in 23 s with 1.6 GB of host
+  memory instead of 240 s and 4.3 GB, for a program whose per-chip memory was within 10% and
+  whose bytes accessed differed by 21% (BENCHMARKS.md): estimates of a less optimised program,
+  for programs a small host cannot otherwise compile (SDXL training).
+  """
+  if not -1.0 <= exec_time_optimization_effort <= 1.0:
+    raise ValueError('exec_time_optimization_effort must be in [-1, 1], got '
+                     f'{exec_time_optimization_effort!r}')
+  record: dict[str, Any] = {'chip': chip.name, 'hbm_per_chip': chip.hbm_bytes,
+                            'exec_time_optimization_effort': exec_time_optimization_effort}
   start = time.perf_counter()
   try:
     with attention.compiling_for('tpu'):
       lowered = lower()
     record['lower_seconds'] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options={
+        'exec_time_optimization_effort': exec_time_optimization_effort})
   except Exception as e:  # the compiler's verdict is the result: keep it, go on with the next
     record.update(compiled=False, compile_seconds=round(time.perf_counter() - start, 2),
                   error=f'{type(e).__name__}: {e}'[:4000])

@@ -67,6 +67,33 @@ def test_a_program_larger_than_the_chip_is_reported_as_not_fitting():
   assert r['hbm_bytes']['total'] > chips.CHIPS['v5e'].hbm_bytes
 
 
+def test_the_effort_reaches_the_compiler_and_is_recorded():
+  devices = chips.topology_devices('v5e:2x2')
+  mesh = distributed.make_mesh(devices=devices)
+  a = _sds((512, 512), mesh, P('data'))
+
+  def layers(x):
+    for _ in range(20):
+      x = jnp.tanh(x @ x.T) * 0.5 + jnp.sin(x)
+    return x
+
+  lower = lambda: jax.jit(layers).lower(a)
+  chip = chips.chip_of('v5e:2x2')
+  low, default = (analysis.compile_program(lower, chip, e) for e in (-1.0, 0.0))
+  assert low['compiled'] and default['compiled']
+  assert (low['exec_time_optimization_effort'], default['exec_time_optimization_effort']) == (
+      -1.0, 0.0)
+  # Less optimisation, another program: libtpu fuses less at -1 (more code, more bytes moved).
+  assert low['hbm_bytes']['code'] != default['hbm_bytes']['code']
+  assert low['bytes_accessed_per_chip'] != default['bytes_accessed_per_chip']
+  report.record('aot effort -1 vs 0 (code bytes, GB accessed)',
+                f'{low["hbm_bytes"]["code"]} vs {default["hbm_bytes"]["code"]}, '
+                f'{low["bytes_accessed_per_chip"] / 1e9:.3f} vs '
+                f'{default["bytes_accessed_per_chip"] / 1e9:.3f}')
+  with pytest.raises(ValueError, match='exec_time_optimization_effort'):
+    analysis.compile_program(lower, chip, 2.0)
+
+
 def test_attention_is_traced_with_the_target_platforms_chunks():
   b, lq, h, lk = 2, 4096, 8, 4096
   cpu = attention.forward_chunks(b, lq, h, lk)
@@ -89,6 +116,17 @@ def tiny_results(tmp_path_factory):
       capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads((work / 'results.json').read_text()), (work / 'table.md').read_text()
+
+
+def test_a_bad_effort_is_refused_before_compiling(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'tpu_compile.py'),
+       '--config=' + os.path.join(ROOT, 'configs', 'tpu_compile', 'default.py') + ':tiny',
+       '--config.exec_time_optimization_effort=3', f'--workdir={tmp_path}'],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode != 0
+  assert 'config.exec_time_optimization_effort must be in [-1, 1], got 3' in proc.stderr
+  assert not (tmp_path / 'results.json').exists()
 
 
 def test_every_tiny_job_compiles_for_one_and_four_host_v5e_slices(tiny_results):
