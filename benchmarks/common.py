@@ -1,12 +1,25 @@
-"""Shared pieces of the side-by-side benchmarks: model configs, environment record, timing."""
+"""The torch-vs-JAX benchmark harness every benchmark here uses:
+
+- model configs (`CONFIGS`, `build_unets`: a seeded diffusers UNet and our port with its weights);
+- the environment record (`environment`);
+- timing (`median_time`, `interleaved_medians`) with the CPU other processes used meanwhile;
+- memory of a timed section (`timed_section`: peak and working RSS from /proc, Linux);
+- one framework per subprocess (`spawn` a worker of the calling script, `worker_main` in it), so
+  that neither framework's allocator, threads or compile cache skews the other's numbers;
+- the report (`fmt`, `markdown_table`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # diffusers' defaults are SD-1.x; SD-1.5 only changes cross_attention_dim and sample_size.
@@ -66,23 +79,120 @@ def _cpu_jiffies() -> tuple[int, int] | None:
   return sum(fields) - fields[3] - fields[4], int(own[11]) + int(own[12])
 
 
+def foreign_cpu_s(before, after) -> float | None:
+  """CPU-seconds other processes used between two `_cpu_jiffies()` readings (None off Linux)."""
+  if not (before and after):
+    return None
+  return ((after[0] - before[0]) - (after[1] - before[1])) / os.sysconf('SC_CLK_TCK')
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int):
+  """Median wall time of each fn over `repeats` rounds that call every fn once in turn (after one
+  warm-up call each), so that a slow drift of the machine hits all of them alike; also the times
+  and the CPU-seconds other processes used meanwhile (a contention check)."""
+  for fn in fns.values():
+    fn()  # warm-up
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  before = _cpu_jiffies()
+  for _ in range(repeats):
+    for key, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - t0)
+  foreign = foreign_cpu_s(before, _cpu_jiffies())
+  return {k: statistics.median(v) for k, v in times.items()}, times, foreign
+
+
 def median_time(fn, repeats: int) -> tuple[float, list[float], float | None]:
   """Median wall time of `fn` over `repeats` calls after one warm-up, the individual times, and the
   CPU-seconds other processes used meanwhile (a contention check; None off Linux)."""
-  fn()  # warm-up
-  times = []
+  medians, times, foreign = interleaved_medians({'fn': fn}, repeats)
+  return medians['fn'], times['fn'], foreign
+
+
+# -- memory of a timed section (Linux /proc) -------------------------------------------------------
+
+def rss_mb(field: str = 'VmRSS') -> float | None:
+  """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), MB."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return None
+
+
+def reset_peak() -> bool:
+  """Returns freed heap memory to the kernel (glibc malloc_trim: memory the compiler or a warm-up
+  freed but malloc kept would otherwise count as resident), then resets the kernel's peak-RSS
+  counter (VmHWM) of this process to its current RSS."""
+  try:
+    import ctypes
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+@contextlib.contextmanager
+def timed_section(rec: dict[str, Any]):
+  """Records into `rec` the peak RSS before the section (imports, weights, compile, warm-up), the
+  RSS at its start, its own peak (`peak_rss_mb`; working memory = peak - start), the process's
+  overall peak (`max_rss_mb`) and the CPU other processes used meanwhile. Not `ru_maxrss`: a
+  child started by subprocess (vfork + exec) inherits the parent's."""
+  rec['hwm_before_timing_mb'] = rss_mb('VmHWM')
+  rec['peak_reset'] = reset_peak()
+  rec['rss_before_timing_mb'] = rss_mb()
   before = _cpu_jiffies()
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  after = _cpu_jiffies()
-  foreign = None
-  if before and after:
-    foreign = ((after[0] - before[0]) - (after[1] - before[1])) / os.sysconf('SC_CLK_TCK')
-  return statistics.median(times), times, foreign
+  yield rec
+  rec['foreign_cpu_s'] = foreign_cpu_s(before, _cpu_jiffies())
+  rec['peak_rss_mb'] = rss_mb('VmHWM')
+  peaks = [v for v in (rec['hwm_before_timing_mb'], rec['peak_rss_mb']) if v is not None]
+  rec['max_rss_mb'] = max(peaks) if peaks else None
 
 
+# -- one framework per subprocess ------------------------------------------------------------------
+
+def spawn(script: str, worker: str, spec: dict[str, Any], tmp: str) -> dict[str, Any]:
+  """Runs `python script --worker=<worker> --spec=<spec.json>` (the script calls `worker_main`)
+  and returns the record it wrote to spec['record']."""
+  path = os.path.join(tmp, f'{spec["config"]}_{worker}_spec.json')
+  with open(path, 'w') as f:
+    json.dump(spec, f)
+  proc = subprocess.run([sys.executable, os.path.abspath(script), f'--worker={worker}',
+                         f'--spec={path}'], check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'{worker} worker failed ({proc.returncode}) on {spec["config"]}')
+  with open(spec['record']) as f:
+    return json.load(f)
+
+
+def worker_main(workers: dict[str, Callable[[dict], dict]], worker: str, spec_path: str) -> None:
+  """In the worker subprocess: runs workers[worker](spec) and writes its record."""
+  with open(spec_path) as f:
+    spec = json.load(f)
+  rec = workers[worker](spec)
+  with open(spec['record'], 'w') as f:
+    json.dump(rec, f)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def fmt(v, spec: str) -> str:
+  return 'n/a' if v is None else format(v, spec)
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
 
 
 def build_unets(name: str, seed: int = 0, attention_impl: str = 'softmax'):

@@ -57,7 +57,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +64,8 @@ from typing import Any
 
 from absl import app, flags
 
-from common import CONFIGS, _cpu_jiffies, environment
+import common
+from common import CONFIGS, environment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('config', ['all'], 'Comma list of digits, small, sd15; all = digits,small.')
@@ -86,51 +86,6 @@ flags.DEFINE_string('spec', None, 'Internal: the worker spec JSON.')
 
 _ALL = ('digits', 'small')
 _SIZES = {'digits': None, 'small': (32, 77), 'sd15': (64, 77)}  # latent size, context length
-
-
-# -- memory and CPU records (Linux) ----------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith(field + ':'):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return None
-
-
-def _reset_peak() -> bool:
-  """Returns freed heap memory to the kernel (glibc malloc_trim: memory the compiler or a warm-up
-  freed but malloc kept would otherwise count as resident), then resets the kernel's peak-RSS
-  counter (VmHWM) of this process to its current RSS."""
-  try:
-    import ctypes
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
-
-
-def _max_of(*values):
-  values = [v for v in values if v is not None]
-  return max(values) if values else None
-
-
-def _mb(kb: int | None) -> float | None:
-  return None if kb is None else kb / 1024
-
-
-def _foreign_cpu_s(before, after) -> float | None:
-  if not (before and after):
-    return None
-  return ((after[0] - before[0]) - (after[1] - before[1])) / os.sysconf('SC_CLK_TCK')
 
 
 # -- torch worker: our replication of the official algorithm ---------------------------------------
@@ -178,7 +133,7 @@ def torch_worker(spec: dict[str, Any]) -> dict[str, Any]:
   import numpy as np
   import torch
 
-  rec: dict[str, Any] = {'rss_after_imports_mb': _mb(_status_kb('VmRSS'))}
+  rec: dict[str, Any] = {'rss_after_imports_mb': common.rss_mb()}
   unet = diffusers.UNet2DConditionModel.from_pretrained(spec['unet_dir']).eval()
   unet.requires_grad_(False)
   inp = np.load(spec['inputs'])
@@ -187,22 +142,16 @@ def torch_worker(spec: dict[str, Any]) -> dict[str, Any]:
   v0 = torch.from_numpy(inp['v0'].transpose(0, 3, 1, 2).copy())  # (k, H, W, C) -> (k, C, H, W)
   t = torch.tensor(spec['t'], dtype=torch.float32)
   get_h = lambda xx, b: _torch_get_h(unet, xx, t, ctx.repeat(b, 1, 1))
-  rec['rss_setup_mb'] = _mb(_status_kb('VmRSS'))
+  rec['rss_setup_mb'] = common.rss_mb()
 
   with torch.no_grad():
     h = get_h(x, 1)[0].numpy().transpose(1, 2, 0)
   _torch_subspace_iteration(get_h, x, v0, 1, spec['chunk_size'])  # warm-up
-  rec['hwm_before_timing_mb'] = _mb(_status_kb('VmHWM'))  # imports, weights, compile, warm-up
-  rec['peak_reset'] = _reset_peak()
-  rec['rss_before_timing_mb'] = _mb(_status_kb('VmRSS'))
-  before = _cpu_jiffies()
-  _, sigma, v, times = _torch_subspace_iteration(get_h, x, v0, spec['iters'], spec['chunk_size'])
-  after = _cpu_jiffies()
-  rec.update(
-      peak_rss_mb=_mb(_status_kb('VmHWM')),
-      s_per_iter=statistics.median(times), iter_times_s=times, total_s=sum(times),
-      foreign_cpu_s=_foreign_cpu_s(before, after), torch_threads=torch.get_num_threads())
-  rec['max_rss_mb'] = _max_of(rec['hwm_before_timing_mb'], rec['peak_rss_mb'])
+  with common.timed_section(rec):
+    _, sigma, v, times = _torch_subspace_iteration(get_h, x, v0, spec['iters'],
+                                                   spec['chunk_size'])
+  rec.update(s_per_iter=statistics.median(times), iter_times_s=times, total_s=sum(times),
+             torch_threads=torch.get_num_threads())
   np.savez(spec['result'], h=h, sigma=sigma.numpy(), v=v.numpy().transpose(0, 2, 3, 1))
   return rec
 
@@ -222,7 +171,7 @@ def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
   if spec.get('attention_chunk_scores'):
     attention.MAX_SCORES_PER_CHUNK = spec['attention_chunk_scores']
-  rec: dict[str, Any] = {'rss_after_imports_mb': _mb(_status_kb('VmRSS')),
+  rec: dict[str, Any] = {'rss_after_imports_mb': common.rss_mb(),
                          'attention_chunk_scores': attention.MAX_SCORES_PER_CHUNK}
   unet, params = models.load_unet(spec['unet_dir'])
   params = jax.block_until_ready(jax.device_put(params))
@@ -231,7 +180,7 @@ def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
   del inp
   gc.collect()
   t, k, iters = spec['t'], spec['num_vectors'], spec['iters']
-  rec['rss_setup_mb'] = _mb(_status_kb('VmRSS'))
+  rec['rss_setup_mb'] = common.rss_mb()
 
   hspace = jax.jit(lambda p, x, c: unet.apply({'params': p}, x[None], t, c, method='hspace')[0])
   h = np.asarray(hspace(params, x, ctx))
@@ -251,24 +200,17 @@ def jax_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rec['xla_temp_mb'] = mem.temp_size_in_bytes / 2**20
   except Exception:  # pylint: disable=broad-except  (not every backend reports it)
     rec['xla_temp_mb'] = None
-  rec['hwm_before_timing_mb'] = _mb(_status_kb('VmHWM'))  # imports, weights, compile, warm-up
-  rec['peak_reset'] = _reset_peak()
-  rec['rss_before_timing_mb'] = _mb(_status_kb('VmRSS'))
   times = []
-  before = _cpu_jiffies()
-  for _ in range(spec['repeats']):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, x, ctx, v0))
-    times.append(time.perf_counter() - t0)
-  after = _cpu_jiffies()
+  with common.timed_section(rec):
+    for _ in range(spec['repeats']):
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(compiled(params, x, ctx, v0))
+      times.append(time.perf_counter() - t0)
   sigma, v, n_run = (np.asarray(a) for a in out)
   if int(n_run) != iters:
     raise RuntimeError(f'local_basis ran {int(n_run)} iterations, expected {iters}')
-  rec.update(
-      peak_rss_mb=_mb(_status_kb('VmHWM')),
-      s_per_iter=statistics.median(times) / iters, call_times_s=times,
-      total_s=statistics.median(times), foreign_cpu_s=_foreign_cpu_s(before, after))
-  rec['max_rss_mb'] = _max_of(rec['hwm_before_timing_mb'], rec['peak_rss_mb'])
+  rec.update(s_per_iter=statistics.median(times) / iters, call_times_s=times,
+             total_s=statistics.median(times))
   np.savez(spec['result'], h=h, sigma=sigma, v=v)
   return rec
 
@@ -307,18 +249,6 @@ def _prepare(name: str, tmp: str, seed: int, k: int) -> tuple[str, dict[str, Any
                     'context_shape': list(context.shape)}
 
 
-def _spawn(worker: str, spec: dict[str, Any], tmp: str) -> dict[str, Any]:
-  path = os.path.join(tmp, f'{spec["config"]}_{worker}_spec.json')
-  with open(path, 'w') as f:
-    json.dump(spec, f)
-  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--spec={path}']
-  proc = subprocess.run(cmd, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f'{worker} worker failed ({proc.returncode}) on {spec["config"]}')
-  with open(spec['record']) as f:
-    return json.load(f)
-
-
 def run_config(name: str, tmp: str) -> dict[str, Any]:
   import numpy as np
 
@@ -336,7 +266,7 @@ def run_config(name: str, tmp: str) -> dict[str, Any]:
                 record=os.path.join(tmp, f'{name}_{worker}.json'))
     print(f'[{name}] {worker}: k={k}, {iters} iterations, chunks of {FLAGS.chunk_size}...',
           flush=True)
-    recs[worker] = _spawn(worker, spec, tmp)
+    recs[worker] = common.spawn(__file__, worker, spec, tmp)
     results[worker] = dict(np.load(spec['result']))
   tr, jr = results['torch'], results['jax']
   h_diff = float(np.max(np.abs(tr['h'] - jr['h'])))
@@ -359,41 +289,31 @@ def run_config(name: str, tmp: str) -> dict[str, Any]:
   }
 
 
-def _fmt(v, spec):
-  return 'n/a' if v is None else format(v, spec)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
   head = ('config', 'torch s/iter', 'ours s/iter', 'torch / ours', 'ours compile s',
           'torch peak / working MB', 'ours peak / working MB', 'torch / ours max RSS MB',
           'h rel diff', 'sigma max rel diff', 'd_geo(V)')
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+  cells = []
   for r in rows:
     mem = {}
     for fw in ('torch', 'jax'):
       w = r[fw]
       work = (None if w['peak_rss_mb'] is None or w['rss_before_timing_mb'] is None
               else w['peak_rss_mb'] - w['rss_before_timing_mb'])
-      mem[fw] = f"{_fmt(w['peak_rss_mb'], '.0f')} / {_fmt(work, '.0f')}"
-    max_rss = ' / '.join(_fmt(r[fw]['max_rss_mb'], '.0f') for fw in ('torch', 'jax'))
-    lines.append(
-        f"| {r['config']} | {r['torch_s_per_iter']:.3f} | {r['jax_s_per_iter']:.3f} | "
-        f"**{r['torch_over_jax']:.2f}** | {r['jax_compile_s']:.1f} | {mem['torch']} | "
-        f"{mem['jax']} | {max_rss} | "
-        f"{r['h_rel_diff']:.1e} | {r['sigma_max_rel_diff']:.1e} | "
-        f"{r['v_geodesic_distance']:.1e} |")
-  return '\n'.join(lines)
+      mem[fw] = f"{common.fmt(w['peak_rss_mb'], '.0f')} / {common.fmt(work, '.0f')}"
+    max_rss = ' / '.join(common.fmt(r[fw]['max_rss_mb'], '.0f') for fw in ('torch', 'jax'))
+    cells.append([r['config'], f"{r['torch_s_per_iter']:.3f}", f"{r['jax_s_per_iter']:.3f}",
+                  f"**{r['torch_over_jax']:.2f}**", f"{r['jax_compile_s']:.1f}", mem['torch'],
+                  mem['jax'], max_rss, f"{r['h_rel_diff']:.1e}",
+                  f"{r['sigma_max_rel_diff']:.1e}", f"{r['v_geodesic_distance']:.1e}"])
+  return common.markdown_table(head, cells)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.worker:
-    with open(FLAGS.spec) as f:
-      spec = json.load(f)
-    rec = (torch_worker if FLAGS.worker == 'torch' else jax_worker)(spec)
-    with open(spec['record'], 'w') as f:
-      json.dump(rec, f)
+    common.worker_main({'torch': torch_worker, 'jax': jax_worker}, FLAGS.worker, FLAGS.spec)
     return
   import diffgeo_jax  # noqa: F401  (XLA CPU flags, inherited by the workers)
   names = []
@@ -417,18 +337,19 @@ def main(argv):
             f"rel diff {r['sigma_max_rel_diff']:.1e}", flush=True)
   print()
   print(format_table(rows))
+  fmt = common.fmt
   for r in rows:
     print(f"[{r['config']}] sigma torch {[round(s, 4) for s in r['sigma_torch']]}")
     print(f"[{r['config']}] sigma ours  {[round(s, 4) for s in r['sigma_jax']]}")
     print(f"[{r['config']}] h max abs diff {r['h_max_abs_diff']:.2e} (max |h| "
           f"{r['h_max_abs']:.2f}); min |cos(v_i torch, v_i ours)| {r['v_min_abs_cos']:.6f}; "
-          f"ours XLA temp buffers {_fmt(r['jax']['xla_temp_mb'], '.0f')} MB")
+          f"ours XLA temp buffers {fmt(r['jax']['xla_temp_mb'], '.0f')} MB")
     for fw in ('torch', 'jax'):
       w = r[fw]
-      print(f"[{r['config']}] {fw} RSS MB: after imports {_fmt(w['rss_after_imports_mb'], '.0f')}, "
-            f"weights+inputs loaded {_fmt(w['rss_setup_mb'], '.0f')}, before timing "
-            f"{_fmt(w['rss_before_timing_mb'], '.0f')}, peak while timing "
-            f"{_fmt(w['peak_rss_mb'], '.0f')}, whole-process max {_fmt(w['max_rss_mb'], '.0f')}")
+      print(f"[{r['config']}] {fw} RSS MB: after imports {fmt(w['rss_after_imports_mb'], '.0f')}, "
+            f"weights+inputs loaded {fmt(w['rss_setup_mb'], '.0f')}, before timing "
+            f"{fmt(w['rss_before_timing_mb'], '.0f')}, peak while timing "
+            f"{fmt(w['peak_rss_mb'], '.0f')}, whole-process max {fmt(w['max_rss_mb'], '.0f')}")
     for fw, wall in (('torch', r['torch']['total_s']),
                      ('jax', r['jax']['total_s'] * r['repeats_ours'])):
       foreign = r[fw]['foreign_cpu_s']

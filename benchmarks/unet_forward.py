@@ -41,6 +41,7 @@ from typing import Any
 
 from absl import app, flags
 
+import common
 from common import CONFIGS, build_unets, environment, median_time
 
 FLAGS = flags.FLAGS
@@ -113,12 +114,9 @@ def run_config(name: str, repeats: int, attention_impl: str, seed: int) -> dict[
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   head = ('config', 'torch s/fwd', 'jax s/fwd', 'torch/jax', 'jax compile s', 'max abs diff')
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
-  for r in rows:
-    lines.append(f"| {r['config']} | {r['torch_s']:.4f} | {r['jax_s']:.4f} | "
-                 f"{r['torch_over_jax']:.2f} | {r['jax_compile_s']:.1f} | "
-                 f"{r['max_abs_diff']:.2e} |")
-  return '\n'.join(lines)
+  return common.markdown_table(head, [
+      [r['config'], f"{r['torch_s']:.4f}", f"{r['jax_s']:.4f}", f"{r['torch_over_jax']:.2f}",
+       f"{r['jax_compile_s']:.1f}", f"{r['max_abs_diff']:.2e}"] for r in rows])
 
 
 def main(argv):

@@ -61,7 +61,8 @@ from typing import Any
 
 from absl import app, flags
 
-from common import CONFIGS, _cpu_jiffies, build_unets, environment, median_time
+import common
+from common import CONFIGS, build_unets, environment, median_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('config', ['all'], 'Comma list of digits, small; all = digits,small.')
@@ -123,26 +124,6 @@ def _torch_flops(tmodel, x, t, ctx) -> int:
   with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
     tmodel(x, t, encoder_hidden_states=ctx)
   return counter.get_total_flops()
-
-
-def _interleaved_medians(fns: dict[str, Any], repeats: int):
-  """Median wall time of each fn over `repeats` rounds that call every fn once in turn (after one
-  warm-up call each), so that a slow drift of the machine hits all of them alike; also the times
-  and the CPU-seconds other processes used meanwhile (as `common.median_time`)."""
-  for fn in fns.values():
-    fn()  # warm-up
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  before = _cpu_jiffies()
-  for _ in range(repeats):
-    for key, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[key].append(time.perf_counter() - t0)
-  after = _cpu_jiffies()
-  foreign = None
-  if before and after:
-    foreign = ((after[0] - before[0]) - (after[1] - before[1])) / os.sysconf('SC_CLK_TCK')
-  return {k: statistics.median(v) for k, v in times.items()}, times, foreign
 
 
 def run_config(name: str, num_steps: int, batch: int, repeats: int, scale: float, m: int,
@@ -220,7 +201,7 @@ def run_config(name: str, num_steps: int, batch: int, repeats: int, scale: float
                 for k, l in (('plain', ours_plain), ('guided', ours_guided))})
   print(f'[{name}] timing the four loops, {num_steps} steps, {repeats} interleaved rounds...',
         flush=True)
-  medians, times, res['foreign_cpu_s'] = _interleaved_medians(loops, repeats)
+  medians, times, res['foreign_cpu_s'] = common.interleaved_medians(loops, repeats)
   for key in loops:
     res[f'{key}_s'], res[f'{key}_times_s'] = medians[key], times[key]
   res['timed_wall_s'] = sum(sum(v) for v in times.values())
@@ -266,12 +247,8 @@ def run_config(name: str, num_steps: int, batch: int, repeats: int, scale: float
   }
 
 
-def _fmt(v, spec: str) -> str:
-  return 'n/a' if v is None else format(v, spec)
-
-
 def format_tables(rows: list[dict[str, Any]]) -> str:
-  pct = lambda v: _fmt(None if v is None else 100 * v, '+.0f') + '%'
+  pct = lambda v: common.fmt(None if v is None else 100 * v, '+.0f') + '%'
   lines = ['| config | steps | batch (UNet) | torch plain s | torch UG s | ours plain s | '
            'ours UG s | torch / ours plain | torch / ours UG | ours compile s plain / UG | '
            'max abs diff UG (plain) |',
@@ -326,7 +303,7 @@ def main(argv):
         for fw in ('torch', 'ours'))
     print(f"[{r['config']}] UG overhead per round: {rounds}")
     print(f"[{r['config']}] CPU-seconds used by other processes while timing: "
-          f"{_fmt(r['foreign_cpu_s'], '.1f')} of {r['timed_wall_s']:.0f} s; max |sample| "
+          f"{common.fmt(r['foreign_cpu_s'], '.1f')} of {r['timed_wall_s']:.0f} s; max |sample| "
           f"{r['max_abs_out']:.2f}, ours UG vs plain max abs diff "
           f"{r['max_abs_guided_minus_plain']:.2f}")
   if FLAGS.out:

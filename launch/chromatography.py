@@ -7,7 +7,7 @@ composition on the digits model measured against the chromatogram's prediction.
    g_m = -dS_m/dt for each factor m (`chromatography`), with peak times and the SNR-matched
    timesteps, for the pipeline's schedule (and SD's scaled-linear one).
 2. Prompt switching: every sample uses the first prompt while t > t_s and the second after
-   (`pipeline.text_to_image(switch_prompts=..., switch_timestep=t_s)`), from the same initial
+   (`pipeline.text_to_image(late_prompts=..., guidance=PromptSwitch(t_s))`), from the same initial
    noise for every t_s. Experiment `colour` switches the colour word ("a red digit 3" -> "a blue
    digit 3"), `digit` the digit. Measured: the fraction of samples that keep the FIRST prompt's
    attribute (colour read from the pixels; digit read by the classifier) and the fraction that
@@ -36,7 +36,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, paths, runs
-from diffgeo_jax.diffusion import chromatography, pipeline, resolution, samplers, schedules
+from diffgeo_jax.diffusion import (chromatography, guidance, pipeline, resolution, samplers,
+                                   schedules)
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 
@@ -188,8 +189,8 @@ def main(argv):
       with run.timed(f'sampling_{experiment}'):
         images = np.asarray(pipeline.text_to_image(
             pipe, first, jax.random.key(config.seed), latents=noise, num_steps=config.num_steps,
-            guidance_scale=config.guidance_scale, sampler=config.sampler, switch_prompts=second,
-            switch_timestep=float(t_s)))
+            sampler=config.sampler, late_prompts=second, guidance=chromatography.PromptSwitch(
+                float(t_s), inner=guidance.CFG(config.guidance_scale))))
       x = images * 2.0 - 1.0
       got = classifier.colour_index(x) if experiment == 'colour' else scorer.predict(x)
       keep.append(float(np.mean(got == a1)))

@@ -29,7 +29,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffgeo_jax import digits, images as images_lib, models, runs  # noqa: E402
-from diffgeo_jax.diffusion import pipeline  # noqa: E402
+from diffgeo_jax.diffusion import guidance, pipeline  # noqa: E402
 from diffgeo_jax.text import decor  # noqa: E402
 
 DIGITS_PROMPTS = ('a red digit three', 'a blue digit seven', 'a sks digit', 'a digit three')
@@ -106,7 +106,7 @@ def reconstructions(pipe, prompt: str, ks: list[int], n: int, num_steps: int,
   for k in ks:
     embeds = np.repeat(np.asarray(decor.reconstruct(dec, k)), n, axis=0)
     rows.append(np.asarray(pipeline.text_to_image(pipe, [prompt] * n, key, num_steps=num_steps,
-                                                  guidance_scale=guidance_scale,
+                                                  guidance=guidance.CFG(guidance_scale),
                                                   prompt_embeds=embeds)))
   return np.concatenate(rows)
 

@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, paths, runs
-from diffgeo_jax.diffusion import pipeline
+from diffgeo_jax.diffusion import guidance, pipeline
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.images import grid
 from diffgeo_jax.training import summary
@@ -78,7 +78,7 @@ def generate(pipe, config, texts: list[str]) -> tuple[np.ndarray, dict]:
   logging.info('%d images, %s %d steps, guidance %.2f', len(texts), config.sampler,
                config.num_steps, config.guidance_scale)
   return pipeline.generate(pipe, texts, noise, keys(config.seed)[1], config.batch_size,
-                           num_steps=config.num_steps, guidance_scale=config.guidance_scale,
+                           num_steps=config.num_steps, guidance=guidance.CFG(config.guidance_scale),
                            sampler=config.sampler, eta=config.eta)
 
 

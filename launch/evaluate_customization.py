@@ -44,7 +44,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffgeo_jax import digits, images as images_lib, models, paths, runs  # noqa: E402
-from diffgeo_jax.diffusion import pipeline  # noqa: E402
+from diffgeo_jax.diffusion import guidance, pipeline  # noqa: E402
 from diffgeo_jax.digits import dataset, metrics  # noqa: E402
 from diffgeo_jax.text import decor  # noqa: E402
 from diffgeo_jax.training import lora  # noqa: E402
@@ -173,9 +173,10 @@ def main(argv):
   for v in variants(config):
     unet = pipe.unet_params if v.scale == 0 else lora.merge(pipe.unet_params, lp, v.scale)
     with run.timed('sampling'):
+      embeds = None if v.decor is None else pipeline.decor_prompts(pipe, prompts, v.decor)
       imgs = np.asarray(pipeline.text_to_image(
           dataclasses.replace(pipe, unet_params=unet), prompts, key, num_steps=e.num_steps,
-          guidance_scale=e.guidance_scale, decor=v.decor))
+          guidance=guidance.CFG(e.guidance_scale), prompt_embeds=embeds))
     rows[v.name] = {'family': v.family, 'value': v.value, 'lora_scale': v.scale,
                     **scores(scorer, imgs, requested, reference, d.colour_rgb)}
     logging.info('%s: %s', v.name, rows[v.name])

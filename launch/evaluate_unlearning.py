@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, paths, runs
-from diffgeo_jax.diffusion import pipeline
+from diffgeo_jax.diffusion import guidance, pipeline
 from diffgeo_jax.digits import dataset, metrics
 from diffgeo_jax.training import lora
 from diffgeo_jax.unlearning import embedding_attack
@@ -53,7 +53,7 @@ def score(pipe, scorer, config, concept: int, reference_feats, base_other=None) 
   other_prompts = [dataset.caption(d, colours[i % len(colours)])
                    for d in others for i in range(e.samples_per_digit)]
   key = jax.random.key(e.seed)
-  kw = dict(num_steps=e.num_steps, guidance_scale=e.guidance_scale)
+  kw = dict(num_steps=e.num_steps, guidance=guidance.CFG(e.guidance_scale))
   concept_imgs = np.asarray(pipeline.text_to_image(pipe, prompts, key, **kw))
   other_imgs = np.asarray(pipeline.text_to_image(pipe, other_prompts, key, **kw))
   feats, logits = scorer.features_and_logits(other_imgs * 2 - 1)

@@ -48,7 +48,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffgeo_jax import digits, distributed, models, runs  # noqa: E402
-from diffgeo_jax.diffusion import pipeline  # noqa: E402
+from diffgeo_jax.diffusion import guidance, pipeline  # noqa: E402
 from diffgeo_jax.digits import classifier as classifier_lib, dataset  # noqa: E402
 from diffgeo_jax.xai import attributions, goar, retrain, roar, synthetic  # noqa: E402
 
@@ -122,7 +122,7 @@ def digits_task(config) -> Task:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
       out.append(np.asarray(pipeline.image_to_image(
           pipe, chunk, [''] * b, jax.random.fold_in(key, i), strength=g.sdedit_strength,
-          num_steps=g.sdedit_steps, guidance_scale=1.0))[:n])
+          num_steps=g.sdedit_steps, guidance=guidance.Unguided()))[:n])
     return np.concatenate(out) * 2 - 1
 
   fill = x_train.reshape(-1, 3).mean(axis=0)  # per channel, as google-research's ROAR

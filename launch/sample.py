@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from diffgeo_jax import digits, models, runs
 from diffgeo_jax.images import grid
-from diffgeo_jax.diffusion import pipeline
+from diffgeo_jax.diffusion import guidance, pipeline
 from diffgeo_jax.digits import dataset
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Sampling config (configs/sample/*.py).')
@@ -77,9 +77,9 @@ def main(argv):
     images, timing = pipeline.generate(
         pipe, [p for p, _ in jobs], jnp.concatenate([noise[s] for _, s in jobs]),
         jax.random.key(0), batch_size, num_steps=config.num_steps,
-        guidance_scale=config.guidance_scale, negative_prompts=config.negative_prompt,
-        sampler=config.sampler, eta=config.eta, height=height, width=width,
-        guidance_rescale=config.guidance_rescale)
+        guidance=guidance.CFG(config.guidance_scale, config.guidance_rescale),
+        negative_prompts=config.negative_prompt, sampler=config.sampler, eta=config.eta,
+        height=height, width=width)
 
   per_row = config.prompts_per_row if len(prompts) % max(config.prompts_per_row, 1) == 0 else 1
   if per_row != config.prompts_per_row:

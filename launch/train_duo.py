@@ -53,7 +53,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffgeo_jax import digits, distributed, models, paths, runs
-from diffgeo_jax.diffusion import pipeline, schedules
+from diffgeo_jax.diffusion import guidance, pipeline, schedules
 from diffgeo_jax.digits import dataset, metrics
 from diffgeo_jax.training import lora, precision, sharding, trainer
 from diffgeo_jax.unlearning import adversarial, batches, duo
@@ -143,9 +143,9 @@ def evaluate(job: Job, unet_params, config) -> dict:
     pipe = dataclasses.replace(job.pipe, unet_params=params)
     key = jax.random.key(e.seed)
     concept_imgs = np.asarray(pipeline.text_to_image(pipe, prompts, key, num_steps=e.num_steps,
-                                                     guidance_scale=e.guidance_scale))
+                                                     guidance=guidance.CFG(e.guidance_scale)))
     other_imgs = np.asarray(pipeline.text_to_image(pipe, other_prompts, key, num_steps=e.num_steps,
-                                                   guidance_scale=e.guidance_scale))
+                                                   guidance=guidance.CFG(e.guidance_scale)))
     out[name] = {
         'defence_success_rate': float(np.mean(scorer.predict(concept_imgs * 2 - 1) != concept)),
         'other_digits_accuracy': metrics.digit_accuracy(scorer.predict(other_imgs * 2 - 1),

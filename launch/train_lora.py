@@ -42,7 +42,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from diffgeo_jax import digits, distributed, images as images_lib, models, paths, runs
-from diffgeo_jax.diffusion import pipeline, schedules
+from diffgeo_jax.diffusion import guidance, pipeline, schedules
 from diffgeo_jax.digits import dataset
 from diffgeo_jax.text import decor
 from diffgeo_jax.training import dreambooth, lora, precision, trainer
@@ -136,7 +136,7 @@ def class_images(pipe, config, run: runs.Run | None) -> dict[str, np.ndarray]:
   key = jax.random.key(p.seed)
   imgs = np.concatenate([np.asarray(pipeline.text_to_image(
       pipe, prompts[i:i + batch], jax.random.fold_in(key, i), num_steps=p.num_steps,
-      guidance_scale=p.guidance_scale)) for i in range(0, len(prompts), batch)])
+      guidance=guidance.CFG(p.guidance_scale))) for i in range(0, len(prompts), batch)])
   out = {'images': imgs.astype(np.float32), 'prompts': np.array(prompts)}
   if run is not None:
     run.save_npz('class_images.npz', **out)

@@ -44,15 +44,18 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (local or gs://).
 VARIANTS = ('native', 'plain', 'guided', 'no_time', 'no_power')
 
 
-def variant_guidance(name: str, config) -> guidance.UpsampleGuidance | None:
-  """The upsample-guidance setting of a variant (None: no guidance)."""
+def variant_guidance(name: str, config) -> guidance.Guidance:
+  """The guidance of a variant: CFG at config.guidance_scale, inside upsample guidance but for
+  'native' and 'plain'."""
   if name not in VARIANTS:
     raise ValueError(f'unknown variant {name!r} in config.variants; supported: {VARIANTS}')
+  cfg = guidance.CFG(float(config.guidance_scale))
   if name in ('native', 'plain'):
-    return None
+    return cfg
   return guidance.UpsampleGuidance(
       factor=int(config.factor), weight=float(config.weight), eta=float(config.eta),
-      order=config.order, time_adjustment=name != 'no_time', power_adjustment=name != 'no_power')
+      order=config.order, time_adjustment=name != 'no_time', power_adjustment=name != 'no_power',
+      inner=cfg)
 
 
 def prompts_of(config) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -71,14 +74,13 @@ def sample(pipe, config, name: str, texts, noise_high) -> tuple[np.ndarray, floa
   """Images in [0, 1] for one variant (high resolution, or native for 'native'), and seconds
   (one jitted call of all images, compilation included)."""
   m = int(config.factor)
-  kw = dict(num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-            sampler=config.sampler)
+  kw = dict(num_steps=config.num_steps, sampler=config.sampler,
+            guidance=variant_guidance(name, config))
   if name == 'native':
     noise = m * resolution.avg_pool(noise_high, m)  # D x_T has variance 1/m^2
   else:
     noise = noise_high
-    kw.update(height=noise.shape[1], width=noise.shape[2],
-              upsample_guidance=variant_guidance(name, config))
+    kw.update(height=noise.shape[1], width=noise.shape[2])
   start = time.perf_counter()
   images = np.asarray(pipeline.text_to_image(pipe, texts, jax.random.key(config.seed),
                                              latents=noise, **kw))

@@ -22,7 +22,9 @@ Arguments: `tiny` (the test setting: a few steps and samples).
 import ml_collections
 
 from diffgeo_jax.digits import dataset
-from diffgeo_jax.training import precision, trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -40,26 +42,15 @@ def get_config(arg=None):
       weight=0.0, class_prompts=tuple(dataset.caption(d, c) for d in range(10)
                                       for c in dataset.COLOURS),
       num_images=100, num_steps=30, guidance_scale=1.5, generation_batch=0, seed=1))
-  config.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0,
-                                               targets=r'(attn1|attn2)/to_(q|k|v|out_0)$'))
+  config.lora = common.lora(8, common.ATTENTION)
   # DECOR: `undesired` is projected out of the prompts at sampling time (evaluation) and, with
   # train_strength > 0, out of the instance prompt during fine-tuning.
   config.decor = ml_collections.ConfigDict(dict(undesired='a digit three', rank=2,
                                                 train_strength=0.0))
 
-  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
-  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
-  config.model = precision.default_model_config()
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 1500
-  config.train.batch_size = 4
-  config.train.learning_rate = 1e-3
-  config.train.schedule = 'constant'
-  config.train.warmup_steps = 0
-  config.train.weight_decay = 1e-2
-  config.train.ema_decay = 0.0
-  config.train.log_every = 100
-  config.train.checkpoint_every = 500
+  config.model = common.model()  # dtype, remat, attention
+  config.train = common.lora_train(num_steps=1500, learning_rate=1e-3, log_every=100,
+                                   checkpoint_every=500)
 
   config.eval = ml_collections.ConfigDict(dict(
       prompt_template='a sks digit {digit}', samples_per_digit=20, num_steps=30,

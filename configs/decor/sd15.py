@@ -19,7 +19,9 @@ crops; crop them beforehand). Settings: LoRA rank 4 (alpha 4) on the UNet attent
 
 import ml_collections
 
-from diffgeo_jax.training import precision, trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -35,21 +37,10 @@ def get_config(arg=None):
   config.prior = ml_collections.ConfigDict(dict(
       weight=0.0, class_prompts=('a photo of dog',), num_images=100, num_steps=50,
       guidance_scale=7.5, generation_batch=4, seed=1))
-  config.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0,
-                                               targets=r'(attn1|attn2)/to_(q|k|v|out_0)$'))
+  config.lora = common.lora(4, common.ATTENTION)
   config.decor = ml_collections.ConfigDict(dict(undesired='a dog', rank=0, train_strength=0.0))
 
-  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
-  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
-  config.model = precision.default_model_config()
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 500
-  config.train.batch_size = 4
-  config.train.learning_rate = 5e-4
-  config.train.schedule = 'constant'
-  config.train.warmup_steps = 0
-  config.train.weight_decay = 1e-2
-  config.train.ema_decay = 0.0
-  config.train.log_every = 50
-  config.train.checkpoint_every = 250
+  config.model = common.model()  # dtype, remat, attention
+  config.train = common.lora_train(num_steps=500, learning_rate=5e-4, log_every=50,
+                                   checkpoint_every=250)
   return config

@@ -9,7 +9,9 @@ r"""Train the digits evaluator: a small CNN digit classifier (colour-invariant).
 
 import ml_collections
 
-from diffgeo_jax.training import trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -25,26 +27,15 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(
       split_seed=0, random_colour_prob=0.5, min_brightness=0.6, max_shift=1, max_noise_std=0.1))
 
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 1500
-  config.train.batch_size = 64
-  config.train.learning_rate = 3e-3
-  config.train.end_learning_rate = 1e-5
-  config.train.warmup_steps = 50
-  config.train.weight_decay = 1e-4
-  config.train.ema_decay = 0.99
-  config.train.log_every = 100
-  config.train.checkpoint_every = 500
+  config.train = common.train(num_steps=1500, batch_size=64, learning_rate=3e-3, warmup_steps=50,
+                              weight_decay=1e-4, ema_decay=0.99, log_every=100,
+                              checkpoint_every=500)
   config.eval = ml_collections.ConfigDict(dict(batch_size=512))
   if arg == 'tiny':  # tests: a tiny model and a few steps
     config.model.channels = (8, 8)
     config.model.features = 16
-    config.train.num_steps = 100
-    config.train.batch_size = 32
-    config.train.warmup_steps = 10
-    config.train.ema_decay = 0.9
-    config.train.log_every = 25
-    config.train.checkpoint_every = 50
+    common.tiny_train(config.train, num_steps=100, batch_size=32, warmup_steps=10, log_every=25,
+                      checkpoint_every=50)
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; supported: tiny')
   return config

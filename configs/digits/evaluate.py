@@ -22,7 +22,8 @@ def get_config(arg=None):
   config.sampler = 'ddim'  # ddim, ddpm, euler, dpmpp_2m
   config.num_steps = 50
   config.guidance_scale = 1.5  # as configs/sample/default.py for the digits model
-  config.eta = 0.0  # DDIM only
+  # DDIM's eta; unset: each sampler's own (ddim 0, ddpm 1; euler and dpmpp_2m take only 0)
+  config.eta = ml_collections.config_dict.placeholder(float)
   config.seed = 0  # image i's initial noise is drawn from fold_in(key(seed), i)
   config.batch_size = 250  # images per compiled sampling call; 0: all at once
   config.classifier_batch_size = 256

@@ -10,7 +10,9 @@ The shipped model (`diffgeo_jax/digits/pipeline/`) is this config's output, expo
 import ml_collections
 
 from diffgeo_jax.digits import tokenizer
-from diffgeo_jax.training import precision, trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -37,17 +39,9 @@ def get_config(arg=None):
       set_alpha_to_one=False, clip_sample=False))
   config.data = ml_collections.ConfigDict(dict(split_seed=0, empty_caption_prob=0.1))
 
-  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
-  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
-  config.model = precision.default_model_config()
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 6000
-  config.train.batch_size = 64
-  config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 200
-  config.train.ema_decay = 0.999
-  config.train.log_every = 100
-  config.train.checkpoint_every = 500
+  config.model = common.model()  # dtype, remat, attention
+  config.train = common.train(num_steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=200,
+                              ema_decay=0.999, log_every=100, checkpoint_every=500)
   if arg == 'tiny':  # tests: a tiny model and a few steps
     config.unet.block_out_channels = (8, 8, 8)
     config.unet.norm_num_groups = 4

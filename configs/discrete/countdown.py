@@ -17,7 +17,9 @@ against the exact posterior's 0.243 on the same noisy batches (entropy 0.244), m
 
 import ml_collections
 
-from diffgeo_jax.training import trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -25,34 +27,19 @@ def get_config(arg=None):
   config.export_dir = ''  # if set, the trained model folder is written here
 
   config.data = ml_collections.ConfigDict(dict(name='countdown', length=64, vocab_size=32))
-  config.model = ml_collections.ConfigDict(dict(hidden=64, heads=4, layers=4, mlp_ratio=4,
-                                                cond_dim=64))
-  # Absorbing diffusion with SEDD's log-linear schedule (mask probability (1 - eps) t); the ELBO's
-  # t is drawn in [t_min, 1].
-  config.process = ml_collections.ConfigDict(dict(eps=1e-3, t_min=1e-3))
+  config.model = common.discrete_transformer()
+  config.process = common.absorbing_process()
 
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 4500
-  config.train.batch_size = 64
-  config.train.learning_rate = 3e-3
-  config.train.end_learning_rate = 1e-5
-  config.train.warmup_steps = 100
-  config.train.ema_decay = 0.99
-  config.train.log_every = 250
-  config.train.checkpoint_every = 1500
+  config.train = common.train(num_steps=4500, batch_size=64, learning_rate=3e-3, warmup_steps=100,
+                              ema_decay=0.99, log_every=250, checkpoint_every=1500)
   # Held-out: eval.num_sequences fresh sequences from a seed no training batch uses, each scored
   # under eval.repeats fixed noise draws.
   config.eval = ml_collections.ConfigDict(dict(seed=0, num_sequences=1024, repeats=8))
   if arg == 'tiny':  # tests: a tiny model and a few steps
     config.data.length = 16
     config.data.vocab_size = 8
-    config.model.update(hidden=16, heads=2, layers=1, mlp_ratio=2, cond_dim=8)
-    config.train.num_steps = 20
-    config.train.batch_size = 16
-    config.train.warmup_steps = 2
-    config.train.ema_decay = 0.9
-    config.train.log_every = 5
-    config.train.checkpoint_every = 10
+    common.tiny_discrete_transformer(config.model)
+    common.tiny_train(config.train)
     config.eval.num_sequences = 64
     config.eval.repeats = 2
   elif arg:

@@ -15,7 +15,9 @@ diffgeo_jax/discrete/pretrained/digits is this run).
 
 import ml_collections
 
-from diffgeo_jax.training import trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -26,32 +28,17 @@ def get_config(arg=None):
   # is `digits.dataset.split_indices(split_seed)`.
   config.data = ml_collections.ConfigDict(dict(name='digits', length=65, vocab_size=27,
                                                split_seed=0))
-  config.model = ml_collections.ConfigDict(dict(hidden=64, heads=4, layers=4, mlp_ratio=4,
-                                                cond_dim=64))
-  # Absorbing diffusion with SEDD's log-linear schedule (mask probability (1 - eps) t); the ELBO's
-  # t is drawn in [t_min, 1].
-  config.process = ml_collections.ConfigDict(dict(eps=1e-3, t_min=1e-3))
+  config.model = common.discrete_transformer()
+  config.process = common.absorbing_process()
 
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 4000
-  config.train.batch_size = 64
-  config.train.learning_rate = 3e-3
-  config.train.end_learning_rate = 1e-5
-  config.train.warmup_steps = 100
-  config.train.ema_decay = 0.99
-  config.train.log_every = 250
-  config.train.checkpoint_every = 1000
+  config.train = common.train(num_steps=4000, batch_size=64, learning_rate=3e-3, warmup_steps=100,
+                              ema_decay=0.99, log_every=250, checkpoint_every=1000)
   # Held-out: the test split, each sequence scored under eval.repeats fixed noise draws (the
   # train split is scored the same way, to show the generalisation gap).
   config.eval = ml_collections.ConfigDict(dict(seed=0, repeats=8))
   if arg == 'tiny':  # tests: a tiny model and a few steps
-    config.model.update(hidden=16, heads=2, layers=1, mlp_ratio=2, cond_dim=8)
-    config.train.num_steps = 20
-    config.train.batch_size = 16
-    config.train.warmup_steps = 2
-    config.train.ema_decay = 0.9
-    config.train.log_every = 5
-    config.train.checkpoint_every = 10
+    common.tiny_discrete_transformer(config.model)
+    common.tiny_train(config.train)
     config.eval.repeats = 2
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; supported: tiny')

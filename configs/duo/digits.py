@@ -26,7 +26,9 @@ under a minute).
 import ml_collections
 
 from diffgeo_jax.digits import dataset
-from diffgeo_jax.training import precision, trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def prompts_for(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -55,29 +57,17 @@ def get_config(arg=None):
       concept=concept, prompts=unsafe, safe_prompts=safe, num_pairs=64, safe_strength=0.75,
       num_steps=30, guidance_scale=1.5, max_attempts=20, seed=42, image_size=0,
       generation_batch=0, retain_prompts=safe, num_retain=90))
-  config.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0,
-                                               targets=r'attn1/to_(q|k|v|out_0)$'))
+  config.lora = common.lora(32, common.SELF_ATTENTION)
   config.duo = ml_collections.ConfigDict(dict(
       beta=50.0, base_learning_rate=3e-4, base_prior_weight=1e6, t_min=1, t_max=750,
       condition='prompt', retain_weight=1e3))
-  # Rounds of `every` steps with the embedding attack in between (0 = off, the official code).
-  config.duo.adversarial = ml_collections.ConfigDict(dict(every=0, steps=100, learning_rate=5e-3,
-                                                          batch_size=4))
+  config.duo.adversarial = common.duo_adversarial()  # off; rounds with the embedding attack
   config.mesh = ml_collections.ConfigDict(dict(model=1))  # > 1: FSDP over the 'model' axis
 
-  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
-  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
-  config.model = precision.default_model_config()
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 1000
-  config.train.batch_size = 4
-  config.train.learning_rate = 0.0  # set from duo.* (lr = base_lr * 100 / beta)
-  config.train.schedule = 'constant'
-  config.train.warmup_steps = 0
-  config.train.weight_decay = 1e-2
-  config.train.ema_decay = 0.0
-  config.train.log_every = 50
-  config.train.checkpoint_every = 250
+  config.model = common.model()  # dtype, remat, attention
+  # learning_rate is set from duo.* (lr = base_lr * 100 / beta)
+  config.train = common.lora_train(num_steps=1000, learning_rate=0.0, log_every=50,
+                                   checkpoint_every=250)
   config.eval = ml_collections.ConfigDict(dict(
       concept_samples=50, samples_per_digit=10, num_steps=30, guidance_scale=1.5, seed=0))
   if 'tiny' in args:

@@ -21,7 +21,9 @@ autocast; one VAE posterior sample per image instead of one per step.
 
 import ml_collections
 
-from diffgeo_jax.training import precision, trainer
+from diffgeo_jax import config_files
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -38,28 +40,16 @@ def get_config(arg=None):
       num_steps=50, guidance_scale=7.5, max_attempts=1, seed=42, image_size=512,
       generation_batch=8, retain_prompts=('a photo of a man', 'a photo of a woman'),
       num_retain=0))  # retain_weight > 0 needs num_retain > 0
-  config.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0,
-                                               targets=r'attn1/to_(q|k|v|out_0)$'))
+  config.lora = common.lora(32, common.SELF_ATTENTION)
   config.duo = ml_collections.ConfigDict(dict(
       beta=500.0, base_learning_rate=3e-4, base_prior_weight=1e6, t_min=1, t_max=750,
       condition='empty', retain_weight=0.0))
-  # Rounds of `every` steps with the embedding attack in between (0 = off, the official code).
-  config.duo.adversarial = ml_collections.ConfigDict(dict(every=0, steps=100, learning_rate=5e-3,
-                                                          batch_size=4))
+  config.duo.adversarial = common.duo_adversarial()  # off; rounds with the embedding attack
   config.mesh = ml_collections.ConfigDict(dict(model=1))
 
-  # The UNet's activation dtype ('float32' | 'bfloat16': bf16 activations and frozen weights,
-  # float32 trained weights) and rematerialisation of its blocks (less memory, ~1 more forward).
-  config.model = precision.default_model_config()
-  config.train = trainer.default_train_config()
-  config.train.num_steps = 1000
-  config.train.batch_size = 4
-  config.train.learning_rate = 0.0  # set from duo.*
-  config.train.schedule = 'constant'
-  config.train.warmup_steps = 0
-  config.train.weight_decay = 1e-2
-  config.train.ema_decay = 0.0
-  config.train.log_every = 50
-  config.train.checkpoint_every = 250
+  config.model = common.model()  # dtype, remat, attention
+  # learning_rate is set from duo.* (lr = base_lr * 100 / beta)
+  config.train = common.lora_train(num_steps=1000, learning_rate=0.0, log_every=50,
+                                   checkpoint_every=250)
   config.eval = ml_collections.ConfigDict()  # the digits evaluation does not apply
   return config

@@ -15,7 +15,10 @@ Arguments: `tiny` (the test setting).
 
 import ml_collections
 
+from diffgeo_jax import config_files
 from diffgeo_jax.xai import attributions
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -27,20 +30,17 @@ def get_config(arg=None):
   config.pipeline_dir = ''    # '' = the shipped digits pipeline (the manifold projection)
   config.classifier_dir = ''  # '' = the shipped digits classifier (explained)
   config.data = ml_collections.ConfigDict(dict(num_train=1000, num_test=300, seed=0))
-  config.attribution = ml_collections.ConfigDict(dict(ig_steps=32, smoothgrad_samples=32,
-                                                      smoothgrad_noise=0.15, batch=250,
-                                                      seed=0))
+  config.attribution = common.attribution(batch=250)
   config.retrain = ml_collections.ConfigDict(dict(hidden=(256, 128), steps=500, batch_size=64,
                                                   learning_rate=1e-3, seeds=(0, 1, 2)))
-  config.roar = ml_collections.ConfigDict(dict(fractions=(0.1, 0.3, 0.5, 0.7, 0.9)))
+  config.roar = common.roar()
   config.goar = ml_collections.ConfigDict(dict(step_size=4.0, levels=4, sdedit_strength=0.3,
                                                sdedit_steps=20, sdedit_batch=250, seed=0))
   config.rotation = False  # an image rotation would leave the diffusion model's manifold
   if arg == 'tiny':
     config.data.num_train = 40
     config.data.num_test = 20
-    config.attribution.ig_steps = 4
-    config.attribution.smoothgrad_samples = 4
+    common.tiny_attribution(config.attribution)
     config.retrain.steps = 10
     config.retrain.seeds = (0, 1)
     config.roar.fractions = (0.5,)

@@ -15,7 +15,10 @@ Arguments: `tiny` (the test setting: seconds).
 
 import ml_collections
 
+from diffgeo_jax import config_files
 from diffgeo_jax.xai import attributions
+
+common = config_files.load('../common.py', __file__)
 
 
 def get_config(arg=None):
@@ -29,12 +32,10 @@ def get_config(arg=None):
       sparsity=0.5, seed=0))
   config.classifier = ml_collections.ConfigDict(dict(hidden=(64, 64), steps=2000, batch_size=64,
                                                      learning_rate=3e-3, seed=0))
-  config.attribution = ml_collections.ConfigDict(dict(ig_steps=32, smoothgrad_samples=32,
-                                                      smoothgrad_noise=0.15, batch=1024,
-                                                      seed=0))
+  config.attribution = common.attribution(batch=1024)
   config.retrain = ml_collections.ConfigDict(dict(hidden=(64, 64), steps=500, batch_size=64,
                                                   learning_rate=3e-3, seeds=(0, 1, 2)))
-  config.roar = ml_collections.ConfigDict(dict(fractions=(0.1, 0.3, 0.5, 0.7, 0.9)))
+  config.roar = common.roar()
   config.goar = ml_collections.ConfigDict(dict(step_size=0.1, levels=5))
   config.rotation = True
   config.rotation_seed = 0
@@ -46,8 +47,7 @@ def get_config(arg=None):
     config.classifier.steps = 50
     config.retrain.steps = 20
     config.retrain.seeds = (0, 1)
-    config.attribution.ig_steps = 4
-    config.attribution.smoothgrad_samples = 4
+    common.tiny_attribution(config.attribution)
     config.roar.fractions = (0.3, 0.7)
     config.goar.levels = 2
   return config

@@ -27,7 +27,8 @@ def get_config(arg=None):
   config.num_steps = 50
   config.guidance_scale = 1.5  # the digits model's default (README: the trade-off); SD's is 7.5
   config.guidance_rescale = 0.0
-  config.eta = 0.0  # DDIM only
+  # DDIM's eta; unset: each sampler's own (ddim 0, ddpm 1; euler and dpmpp_2m take only 0)
+  config.eta = ml_collections.config_dict.placeholder(float)
   config.height = 0  # 0: the model's default size
   config.width = 0
   config.batch_size = 0  # images per compiled call; 0: all at once

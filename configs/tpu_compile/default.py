@@ -14,24 +14,15 @@ configs/decor/sd15.py, `train_t2i.<digits|tiny>` configs/digits/t2i.py.
 Arguments: `tiny` (the test setting: the tiny model, small JYS/GOAR sizes).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from diffgeo_jax.training import trainer
+from diffgeo_jax import config_files
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+common = config_files.load('../common.py', __file__)
 
 
 def _config(relative: str, arg=None) -> ml_collections.ConfigDict:
-  """get_config(arg) of another config file of this folder tree (configs/ is not a package that
-  an installed library can import)."""
-  path = os.path.join(_HERE, '..', relative)
-  spec = importlib.util.spec_from_file_location(relative.replace('/', '_')[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.get_config(f'../{relative}', __file__, arg)
 
 
 def get_config(arg=None):
@@ -56,9 +47,8 @@ def get_config(arg=None):
                                                   samples_per_chip=1))
   config.train_t2i_batch_per_chip = 1
   sd_train = ml_collections.ConfigDict()
-  sd_train.train = trainer.default_train_config()
-  sd_train.train.learning_rate = 1e-5  # diffusers' train_text_to_image.py
-  sd_train.train.ema_decay = 0.9999
+  # diffusers' train_text_to_image.py
+  sd_train.train = common.train(learning_rate=1e-5, ema_decay=0.9999)
   config.train_t2i = ml_collections.ConfigDict(dict(
       sd=sd_train, digits=_config('digits/t2i.py'), tiny=_config('digits/t2i.py', 'tiny')))
   config.duo = ml_collections.ConfigDict(dict(

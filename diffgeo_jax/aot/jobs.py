@@ -6,7 +6,7 @@ library code the binary calls (not a copy), with the binary's shardings over the
 
 | job       | program(s)                | the binary's code                                        |
 |-----------|---------------------------|----------------------------------------------------------|
-| sample    | cfg_step, loop            | `pipeline.sampling_eps_fn`, `pipeline._generator`       |
+| sample    | cfg_step, loop            | `guidance.CFG.eps_fn`, `pipeline._generate`              |
 | explore   | pullback_iteration        | `pullback.unet_bases_fn` (explore.py), k vectors, 1 iteration |
 | train_t2i | train_step                | `Trainer` + `text_to_image.Objective` (train_t2i.py)     |
 | duo       | train_step                | `Trainer` + `unlearning.duo.Objective` (train_duo.py)    |
@@ -38,7 +38,7 @@ import numpy as np
 
 from diffgeo_jax import distributed
 from diffgeo_jax.aot import shapes
-from diffgeo_jax.diffusion import pipeline, schedules
+from diffgeo_jax.diffusion import guidance, pipeline, schedules
 from diffgeo_jax.geometry import pullback
 from diffgeo_jax.models import attention
 from diffgeo_jax.training import dreambooth, precision, sharding, text_to_image, trainer
@@ -112,18 +112,21 @@ def sample(m: shapes.AbstractModel, devices, c) -> list[Program]:
   config_json = json.dumps(m.scheduler_config, sort_keys=True)
   s = schedules.from_diffusers_config(m.scheduler_config)
 
-  def step(params, x_t, t, cond, uncond, scale):
-    with attention.partitioned(mesh):  # as the sampler loop (pipeline._generator)
-      return pipeline.sampling_eps_fn(unet, params, s, cond, uncond, scale)(x_t, t)
+  contexts = guidance.Contexts(cond, cond)  # the prompts' and the negative prompts'
+  cfg = guidance.CFG(scalar)  # a traced scale, as the pipeline's
+
+  def step(params, x_t, t, contexts, cfg):
+    with attention.partitioned(mesh):  # as the sampler loop (pipeline._generate)
+      return cfg.eps_fn(pipeline.model_fn(unet, params), s, contexts)(x_t, t)
 
   def lower_step():
-    return jax.jit(step, out_shardings=bat).lower(unet_params, x, scalar, cond, cond, scalar)
+    return jax.jit(step, out_shardings=bat).lower(unet_params, x, scalar, contexts, cfg)
 
   def lower_loop():
-    generate = pipeline._generator(unet, m.vae, config_json, c.sample.sampler,
-                                   c.sample.num_steps, 0, 0.0, True, False, False, None, False,
-                                   mesh)
-    return generate.lower(unet_params, vae_params, x, cond, cond, scalar, scalar, key)
+    settings = pipeline.SamplerSettings(c.sample.sampler, c.sample.num_steps)
+    return pipeline._generate.lower(unet_params, vae_params, x, contexts, cfg, key, unet=unet,
+                                    vae=m.vae, schedule_json=config_json, settings=settings,
+                                    mesh=mesh)
 
   shape = dict(mesh.shape)
   return [Program('sample', 'cfg_step', lower_step, shape, 1,

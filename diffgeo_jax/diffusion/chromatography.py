@@ -12,7 +12,8 @@ alpha_bar_tau = alpha_bar_t / P_t = S_m(t) = sigmoid(lambda(t) + 2 ln m): the sc
 t -> tau (`resolution.adjusted_timestep`, with the pooling D_m and upsampling U_m of
 `resolution`) that upsample guidance (`guidance.upsample`) and the cascade (`cascade`) use.
 
-Also here: the time-dependent prompt composition (`prompt_switch_eps_fn`, `switch_time`) and
+Also here: the time-dependent prompt composition (`prompt_switch_eps_fn`, the pipeline's
+`PromptSwitch` guidance, `switch_time`) and
 cascaded upscaling (`cascade`). Images are NHWC; `factor` m pools H and W.
 """
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +118,32 @@ def prompt_switch_eps_fn(model_fn: ModelFn, context_early: jax.Array, context_la
     return guidance.classifier_free(model_fn, x, t, cond, uncond, scale, rescale)
 
   return eps_fn
+
+
+@flax.struct.dataclass
+class PromptSwitch:
+  """Guidance object (`guidance.Guidance`) for time-dependent prompt composition: the prompts
+  while t > `switch_timestep`, the pipeline's `late_prompts` after (`prompt_switch_eps_fn`), under
+  `inner` (guidance.CFG or guidance.Unguided). `switch_time` picks the time for a resolution;
+  the time is traced (a sweep over it compiles once)."""
+  switch_timestep: Any
+  inner: Any = flax.struct.field(default_factory=guidance.CFG)
+
+  def reads(self) -> frozenset[str]:
+    return frozenset({'late'}) | self.inner.reads()
+
+  def check(self) -> None:
+    if is_concrete(self.switch_timestep) and not np.all(
+        np.isfinite(np.asarray(self.switch_timestep, np.float64))):
+      raise ValueError('PromptSwitch.switch_timestep must be a finite timestep, got '
+                       f'{self.switch_timestep!r}')
+    guidance.inner_cfg(self.inner, guidance.Contexts(None), 'PromptSwitch')
+    self.inner.check()
+
+  def eps_fn(self, model_fn: ModelFn, s, ctx: guidance.Contexts) -> EpsFn:
+    uncond, scale, rescale = guidance.inner_cfg(self.inner, ctx, 'PromptSwitch')
+    return prompt_switch_eps_fn(model_fn, ctx.cond, ctx.late, self.switch_timestep,
+                                uncond=uncond, scale=scale, rescale=rescale)
 
 
 # -- cascaded upscaling ----------------------------------------------------------------------------

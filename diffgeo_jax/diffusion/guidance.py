@@ -7,20 +7,27 @@
 guidance (Ho & Salimans, arXiv 2207.12598) mixes the conditional and unconditional predictions,
 uncond + scale * (cond - uncond); a negative prompt is simply the embedding passed as `uncond`.
 `rescale` is the guidance rescale of arXiv 2305.08891 (Sec. 3.4), as diffusers'
-`rescale_noise_cfg`. Upsample guidance (a later issue) goes here as `upsample`.
+`rescale_noise_cfg`. Upsample guidance (arXiv 2404.01709) is `upsample`.
+
+The pipeline's guidance objects (`CFG`, `Unguided`, `UpsampleGuidance`, and
+`chromatography.PromptSwitch`) share one protocol, `Guidance`: `eps_fn(model_fn, s, contexts)`.
+This module imports only `resolution` and `schedules`-level code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from diffgeo_jax.diffusion import resolution
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _is_static(value, target: float) -> bool:
@@ -220,30 +227,126 @@ def upsample_cfg_eps_fn(model_fn: ModelFn, s, cond: jax.Array, uncond: jax.Array
   return eps_fn
 
 
-@dataclasses.dataclass(frozen=True)
+# -- guidance objects: one protocol for the pipeline ----------------------------------------------
+#
+# A guidance turns the model into the samplers' eps_fn. It is a pytree (a flax.struct dataclass):
+# its numbers (the CFG scale, a switch time) are traced leaves, so a new scale reuses the compiled
+# sampler; its settings (factor, order, rescale) are static, part of the compiled program's key.
+# Text is not part of it: the pipeline encodes the prompt sets it `reads` into `Contexts`.
+
+
+@flax.struct.dataclass
+class Contexts:
+  """The text conditioning of one batch, each (B, L, D) (or a pytree of (B, ...) leaves), sharded
+  like x: the prompts', the negative prompts' (`uncond`) and a second prompt set (`late`, prompt
+  switching); None where no guidance reads it."""
+  cond: Any
+  uncond: Any = None
+  late: Any = None
+
+
+class Guidance(Protocol):
+  """eps_fn(x, t) for the samplers from a `model_fn(x, t, context)`."""
+
+  def reads(self) -> frozenset[str]:
+    """The `Contexts` fields it needs besides `cond` (decided on concrete values, before jit)."""
+
+  def check(self) -> None:
+    """Raises ValueError naming the field for a setting out of range (concrete values)."""
+
+  def eps_fn(self, model_fn: ModelFn, s, ctx: Contexts) -> EpsFn:
+    """The guided prediction."""
+
+
+@flax.struct.dataclass
+class Unguided:
+  """The model on the prompts alone (no guidance)."""
+
+  def reads(self) -> frozenset[str]:
+    return frozenset()
+
+  def check(self) -> None:
+    pass
+
+  def eps_fn(self, model_fn: ModelFn, s, ctx: Contexts) -> EpsFn:
+    return lambda x, t: model_fn(x, t, ctx.cond)
+
+
+@flax.struct.dataclass
+class CFG:
+  """Classifier-free guidance (`classifier_free`), uncond + scale (cond - uncond), on the negative
+  prompts' embeddings. scale 1 is the model on the prompts alone (it reads no negative prompt: half
+  the cost); a scale below 1 is honoured (0: the unconditional model). `scale` is traced;
+  `rescale` (arXiv 2305.08891) is static, so rescale 0 compiles plain CFG, bit for bit."""
+  scale: Any = 7.5
+  rescale: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  def reads(self) -> frozenset[str]:
+    return frozenset() if _is_static(self.scale, 1.0) else frozenset({'uncond'})
+
+  def check(self) -> None:
+    _check_range(self.scale, 'CFG.scale', -float('inf'))
+    _check_range(self.rescale, 'CFG.rescale', 0.0, 1.0)
+
+  def eps_fn(self, model_fn: ModelFn, s, ctx: Contexts) -> EpsFn:
+    if ctx.uncond is None:  # scale 1: the pipeline encoded no negative prompt
+      return Unguided().eps_fn(model_fn, s, ctx)
+    return cfg_eps_fn(model_fn, ctx.cond, ctx.uncond, self.scale, self.rescale)
+
+
+def inner_cfg(inner, ctx: Contexts, name: str):
+  """(uncond or None, scale, rescale) of a wrapped CFG or Unguided."""
+  if isinstance(inner, Unguided):
+    return None, 1.0, 0.0
+  if isinstance(inner, CFG):
+    return ctx.uncond, inner.scale, inner.rescale
+  raise ValueError(f'{name}.inner must be a guidance.CFG or guidance.Unguided, got '
+                   f'{type(inner).__name__}')
+
+
+@flax.struct.dataclass
 class UpsampleGuidance:
-  """Upsample-guidance settings as one hashable value (a static argument of jitted samplers; the
-  `pipeline.text_to_image(..., upsample_guidance=...)` option). Fields as `upsample_cfg_eps_fn`."""
-  factor: int = 2
-  weight: float = 1.0
-  eta: float = 1.0
-  time_adjustment: bool = True
-  power_adjustment: bool = True
-  order: str = 'after'
+  """Upsample guidance (arXiv 2404.01709; `upsample_cfg_eps_fn`) around `inner` (CFG or Unguided):
+  sample above the model's resolution (height/width = factor x its default). Its settings are
+  static; the inner CFG scale is traced."""
+  factor: int = flax.struct.field(pytree_node=False, default=2)
+  weight: float = flax.struct.field(pytree_node=False, default=1.0)
+  eta: float = flax.struct.field(pytree_node=False, default=1.0)
+  time_adjustment: bool = flax.struct.field(pytree_node=False, default=True)
+  power_adjustment: bool = flax.struct.field(pytree_node=False, default=True)
+  order: str = flax.struct.field(pytree_node=False, default='after')
+  inner: Any = dataclasses.field(default_factory=CFG)
 
-  def __post_init__(self):
+  def reads(self) -> frozenset[str]:
+    return self.inner.reads()
+
+  def check(self) -> None:
     if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
-      raise ValueError(f'factor must be a positive int, got {self.factor!r}')
-    _check_range(self.weight, 'weight', 0.0)
-    _check_range(self.eta, 'eta', 0.0, 1.0)
+      raise ValueError(f'UpsampleGuidance.factor must be a positive int, got {self.factor!r}')
+    _check_range(self.weight, 'UpsampleGuidance.weight', 0.0)
+    _check_range(self.eta, 'UpsampleGuidance.eta', 0.0, 1.0)
     if self.order not in ('after', 'before'):
-      raise ValueError(f"order must be 'after' or 'before', got {self.order!r}")
+      raise ValueError(f"UpsampleGuidance.order must be 'after' or 'before', got {self.order!r}")
+    inner_cfg(self.inner, Contexts(None), 'UpsampleGuidance')
+    self.inner.check()
 
-  def eps_fn(self, model_fn: ModelFn, s, cond: jax.Array, uncond: jax.Array | None, scale,
-             rescale=0.0):
-    """The guided eps_fn(x, t): with CFG when `uncond` is given, else on `cond` alone."""
+  def eps_fn(self, model_fn: ModelFn, s, ctx: Contexts) -> EpsFn:
+    uncond, scale, rescale = inner_cfg(self.inner, ctx, 'UpsampleGuidance')
     kw = dict(factor=self.factor, weight=self.weight, eta=self.eta,
               time_adjustment=self.time_adjustment, power_adjustment=self.power_adjustment)
     if uncond is None:
-      return upsample_eps_fn(lambda x, t: model_fn(x, t, cond), s, **kw)
-    return upsample_cfg_eps_fn(model_fn, s, cond, uncond, scale, rescale, order=self.order, **kw)
+      return upsample_eps_fn(lambda x, t: model_fn(x, t, ctx.cond), s, **kw)
+    return upsample_cfg_eps_fn(model_fn, s, ctx.cond, uncond, scale, rescale, order=self.order,
+                               **kw)
+
+
+def as_guidance(value) -> Guidance:
+  """A guidance object; a number is shorthand for `CFG(scale=number)`. Checked."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = CFG(float(value))
+  if not all(callable(getattr(value, m, None)) for m in ('reads', 'check', 'eps_fn')):
+    raise ValueError('guidance must be a number (the CFG scale) or a guidance object '
+                     '(guidance.CFG, guidance.Unguided, guidance.UpsampleGuidance, '
+                     f'chromatography.PromptSwitch), got {type(value).__name__}')
+  value.check()
+  return value

@@ -1,19 +1,32 @@
 """Text-to-image and image-to-image (SDEdit) over a loaded `models.Pipeline`, as diffusers does.
 
     pipe = models.load_pipeline(dir)
-    images = pipeline.text_to_image(pipe, ['a red digit'], jax.random.key(0), num_steps=50)
+    images = pipeline.text_to_image(pipe, ['a red digit'], jax.random.key(0), num_steps=50,
+                                    guidance=guidance.CFG(7.5))
     edited = pipeline.image_to_image(pipe, images, ['a blue digit'], jax.random.key(1),
                                      strength=0.6)
+    # upsample guidance, prompt switching, DECOR: a guidance object, or edited prompt embeddings
+    big = pipeline.text_to_image(pipe, prompts, key, height=2 * h, width=2 * w,
+                                 guidance=guidance.UpsampleGuidance(inner=guidance.CFG(7.5)))
+    mixed = pipeline.text_to_image(pipe, prompts, key, late_prompts=later,
+                                   guidance=chromatography.PromptSwitch(500.0))
+    custom = pipeline.text_to_image(pipe, prompts, key,
+                                    prompt_embeds=pipeline.decor_prompts(pipe, prompts, settings))
 
 Images are float32 NHWC in [0, 1]. A latent pipeline samples in the VAE's latent space
 (`latents * vae.config.scaling_factor`); a pixel-space pipeline (`pipe.vae is None`) samples the
-pixels themselves in [-1, 1]. The sampler loop and the decoder are one jit-compiled function per
-(shapes, sampler, num_steps, first_step, eta, model), with the parameters as arguments, so a
-large model is not baked into the executable as constants.
+pixels themselves in [-1, 1]. The sampler loop and the decoder are one jit-compiled function
+(`_generate`) whose static arguments are the model, the sampler's settings and the mesh, and whose
+traced arguments are the parameters (a large model is not baked into the executable as
+constants), the inputs and the guidance object: a pytree whose settings (its class, an upsample
+factor) key the compiled program and whose numbers (the CFG scale, a switch time) are traced, so
+a sweep over them compiles once.
 
-Guidance: classifier-free guidance runs unless `guidance_scale == 1` (then the model sees only the
-prompt: the same result at half the cost). diffusers skips guidance for every scale <= 1; here a
-scale below 1 is honoured (0 gives the unconditional model).
+Guidance (`guidance.Guidance`): `guidance.CFG(scale)` (the default, 7.5; a number is shorthand
+for it) runs classifier-free guidance unless scale == 1 (then the model sees only the prompt: the
+same result at half the cost). diffusers skips guidance for every scale <= 1; here a scale below
+1 is honoured (0 gives the unconditional model). The pipeline encodes the prompt sets the
+guidance `reads`: `negative_prompts` for CFG, `late_prompts` for `chromatography.PromptSwitch`.
 
 Several devices (and several processes, each with the same inputs): the batch is sharded over
 the `data` axis of `distributed.make_mesh()`, the results come back replicated on every device
@@ -41,7 +54,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffgeo_jax import distributed
-from diffgeo_jax.diffusion import chromatography, guidance, samplers, schedules
+from diffgeo_jax.diffusion import guidance as guidance_lib
+from diffgeo_jax.diffusion import samplers, schedules
 from diffgeo_jax.models import attention
 from diffgeo_jax.text import decor as decor_lib
 
@@ -103,23 +117,27 @@ def _text_hidden(text_encoder, params, ids):
   return text_encoder.apply({'params': params}, ids, output_hidden_states=False).last_hidden_state
 
 
-def decor_prompts(pipe, prompts, settings: decor_lib.Settings | None,
-                  prompt_embeds=None) -> jax.Array:
-  """`encode_prompts` (or the given `prompt_embeds`), then DECOR's projection (arXiv 2412.09169)
-  when `settings` is given."""
-  prompts = _prompt_list(prompts, 'prompts')
+def _prompt_embeds(pipe, prompts: list[str], prompt_embeds=None) -> jax.Array:
+  """`encode_prompts(prompts)`, or the given `prompt_embeds` checked against it."""
   if prompt_embeds is None:
-    cond = encode_prompts(pipe, prompts)
-  else:
-    cond = jnp.asarray(prompt_embeds, jnp.float32)
-    want = (len(prompts), max_prompt_tokens(pipe), pipe.text_encoder.config.hidden_size)
-    if cond.shape != want:
-      raise ValueError(f'prompt_embeds must have shape {want} (one (tokens, width) matrix per '
-                       f'prompt), got {cond.shape}')
-  if settings is None:
-    return cond
+    return encode_prompts(pipe, prompts)
+  cond = jnp.asarray(prompt_embeds, jnp.float32)
+  want = (len(prompts), max_prompt_tokens(pipe), pipe.text_encoder.config.hidden_size)
+  if cond.shape != want:
+    raise ValueError(f'prompt_embeds must have shape {want} (one (tokens, width) matrix per '
+                     f'prompt), got {cond.shape}')
+  return cond
+
+
+def decor_prompts(pipe, prompts, settings: decor_lib.Settings,
+                  prompt_embeds=None) -> jax.Array:
+  """DECOR (arXiv 2412.09169) at sampling time, a prompt-embedding transform: `encode_prompts`
+  (or the given `prompt_embeds`) projected off the subspace of `settings`' texts. Pass the result
+  as `text_to_image(..., prompt_embeds=...)`."""
+  prompts = _prompt_list(prompts, 'prompts')
   if not isinstance(settings, decor_lib.Settings):
-    raise ValueError(f'decor must be a decor.Settings or None, got {type(settings).__name__}')
+    raise ValueError(f'settings must be a decor.Settings, got {type(settings).__name__}')
+  cond = _prompt_embeds(pipe, prompts, prompt_embeds)
   texts, strength = settings.checked(len(prompts))
   return decor_lib.project(cond, encode_prompts(pipe, texts), strength, settings.rank)
 
@@ -172,7 +190,10 @@ def replicate(pipe):
 
 @functools.lru_cache(maxsize=8)
 def _schedule(config_json: str) -> schedules.NoiseSchedule:
-  return schedules.from_diffusers_config(json.loads(config_json))
+  # Concrete arrays even when first asked for inside a trace (`_generate`): samplers lay out
+  # their timestep grids from it with numpy, and the cache must not keep tracers.
+  with jax.ensure_compile_time_eval():
+    return schedules.from_diffusers_config(json.loads(config_json))
 
 
 def _to_images(vae, vae_params, x0):
@@ -192,48 +213,37 @@ def decode(pipe, x0) -> jax.Array:
   return flat.reshape(*x0.shape[:-3], *flat.shape[1:])
 
 
-def sampling_eps_fn(unet, unet_params, s, cond, uncond, scale, rescale=0.0, *, guided=True,
-                    upsample=None, cond_late=None, switch_t=None):
-  """eps_fn(x, t) the samplers call at every step: the UNet under classifier-free guidance
-  (`guided`), upsample guidance (`upsample`) or the prompt switch at `switch_t` to `cond_late`.
-  One step of `text_to_image` is one call of it (`diffgeo_jax.aot` compiles it alone)."""
-  model_fn = lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
-  if cond_late is not None:
-    return chromatography.prompt_switch_eps_fn(
-        model_fn, cond, cond_late, switch_t, uncond=uncond if guided else None, scale=scale,
-        rescale=rescale)
-  if upsample is not None:
-    return upsample.eps_fn(model_fn, s, cond, uncond if guided else None, scale, rescale)
-  if guided:
-    return guidance.cfg_eps_fn(model_fn, cond, uncond, scale, rescale)
-  return lambda x, t: model_fn(x, t, cond)
+def model_fn(unet, unet_params):
+  """model_fn(x, t, context) of the guidance objects: the UNet with these parameters."""
+  return lambda x, t, ctx: unet.apply({'params': unet_params}, x, t, ctx)
 
 
-@functools.lru_cache(maxsize=32)
-def _generator(unet, vae, schedule_json, sampler, num_steps, first_step, eta, guided, rescaled,
-               return_trajectory, upsample=None, switched=False, mesh=None):
-  """The jitted sampler + decoder for these static settings (jax.jit adds one cache per shape).
-  On a `mesh` its outputs are replicated on every device, so every process can read them."""
-  # Built outside the trace: samplers read the schedule with numpy to lay out their grids.
-  s = _schedule(schedule_json)
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """The static settings of one compiled sampling loop."""
+  sampler: str
+  num_steps: int
+  first_step: int = 0
+  eta: float | None = None  # None: the sampler's own
+  return_trajectory: bool = False
 
-  def generate(*args):
-    with attention.partitioned(mesh):  # Pallas kernels (flash attention) per device
-      return _generate(*args)
 
-  def _generate(unet_params, vae_params, x_start, cond, uncond, scale, rescale, key,
-                cond_late=None, switch_t=None):
-    eps_fn = sampling_eps_fn(unet, unet_params, s, cond, uncond, scale,
-                             rescale if rescaled else 0.0, guided=guided, upsample=upsample,
-                             cond_late=cond_late if switched else None, switch_t=switch_t)
-    out = samplers.sample(sampler, eps_fn, x_start, s, num_steps, key=key, eta=eta,
-                          return_trajectory=return_trajectory, first_step=first_step)
-    x0, traj = out if return_trajectory else (out, None)
-    return _to_images(vae, vae_params, x0), traj
-
-  if mesh is None:
-    return jax.jit(generate)
-  return jax.jit(generate, out_shardings=distributed.replicated(mesh))
+@functools.partial(jax.jit, static_argnames=('unet', 'vae', 'schedule_json', 'settings', 'mesh'))
+def _generate(unet_params, vae_params, x_start, contexts: guidance_lib.Contexts, guidance, key,
+              *, unet, vae, schedule_json: str, settings: SamplerSettings, mesh: Mesh | None):
+  """The sampler loop and the decoder in one program. On a `mesh` its outputs are replicated on
+  every device, so every process can read them."""
+  s = _schedule(schedule_json)  # a constant of the program (a static argument)
+  with attention.partitioned(mesh):  # Pallas kernels (flash attention) per device
+    eps_fn = guidance.eps_fn(model_fn(unet, unet_params), s, contexts)
+    out = samplers.sample(settings.sampler, eps_fn, x_start, s, settings.num_steps, key=key,
+                          eta=settings.eta, return_trajectory=settings.return_trajectory,
+                          first_step=settings.first_step)
+    x0, traj = out if settings.return_trajectory else (out, None)
+    out = _to_images(vae, vae_params, x0), traj
+  if mesh is not None:
+    out = jax.lax.with_sharding_constraint(out, distributed.replicated(mesh))
+  return out
 
 
 def encode_images(pipe, images, key: jax.Array) -> jax.Array:
@@ -251,82 +261,74 @@ def _encode_images(vae, vae_params, images, key):
   return post.sample(key) * vae.config.scaling_factor
 
 
-def _run(pipe, prompts, negatives, x_start, key, *, first_step, num_steps, guidance_scale,
-         sampler, eta, guidance_rescale, return_trajectory, upsample_guidance=None,
-         switch_prompts=None, switch_timestep=None, decor=None, prompt_embeds=None):
+def _contexts(pipe, prompts, guidance, negative_prompts, late_prompts,
+              prompt_embeds) -> guidance_lib.Contexts:
+  """Encodes the prompt sets `guidance` reads; refuses a prompt set it would not read."""
+  n = len(prompts)
+  reads = guidance.reads()
+  if late_prompts is not None and 'late' not in reads:
+    raise ValueError('late_prompts are read only by a guidance that switches prompts '
+                     f'(chromatography.PromptSwitch); guidance is {type(guidance).__name__}')
+  if 'late' in reads and late_prompts is None:
+    raise ValueError(f'{type(guidance).__name__} switches to late_prompts: pass them (a str for '
+                     'all, or one per prompt)')
+  cond = _prompt_embeds(pipe, prompts, prompt_embeds)
+  uncond = (encode_prompts(pipe, _negative_list(negative_prompts, n))
+            if 'uncond' in reads else None)
+  late = (encode_prompts(pipe, _negative_list(late_prompts, n, 'late_prompts'))
+          if 'late' in reads else None)
+  return guidance_lib.Contexts(cond, uncond, late)
+
+
+def _run(pipe, prompts, x_start, key, *, guidance, negative_prompts, late_prompts, prompt_embeds,
+         settings: SamplerSettings):
   """Encodes the prompts, places everything on the mesh, samples, decodes, unpads."""
   n = len(prompts)
-  guided = guidance_scale != 1
-  switched = switch_prompts is not None
-  cond = decor_prompts(pipe, prompts, decor, prompt_embeds)
-  uncond = encode_prompts(pipe, negatives) if guided else None
-  cond_late = encode_prompts(pipe, switch_prompts) if switched else None
+  contexts = _contexts(pipe, prompts, guidance, negative_prompts, late_prompts, prompt_embeds)
   mesh = _mesh()
-  batch = _shard_batch(mesh, {'x': x_start, 'cond': cond, 'uncond': uncond,
-                              'cond_late': cond_late})
+  batch = _shard_batch(mesh, {'x': x_start, 'contexts': contexts})
   unet_params, vae_params = _replicate(mesh, (pipe.unet_params, pipe.vae_params))
-  generate = _generator(pipe.unet, pipe.vae, json.dumps(pipe.scheduler_config, sort_keys=True),
-                        sampler, num_steps, first_step, float(eta), guided,
-                        guided and guidance_rescale != 0, return_trajectory, upsample_guidance,
-                        switched, mesh)
-  images, traj = generate(unet_params, vae_params, batch['x'], batch['cond'], batch['uncond'],
-                          jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key,
-                          batch['cond_late'],
-                          jnp.float32(switch_timestep) if switched else None)
+  images, traj = _generate(unet_params, vae_params, batch['x'], batch['contexts'], guidance, key,
+                           unet=pipe.unet, vae=pipe.vae,
+                           schedule_json=json.dumps(pipe.scheduler_config, sort_keys=True),
+                           settings=settings, mesh=mesh)
   images = images[:n]
-  if not return_trajectory:
+  if not settings.return_trajectory:
     return images
   return images, traj.replace(x_t=traj.x_t[:, :n], pred_x0=traj.pred_x0[:, :n])
 
 
-def _check_common(sampler, guidance_rescale):
+def _settings(sampler, num_steps, first_step, eta, return_trajectory) -> SamplerSettings:
   if sampler not in samplers.SAMPLERS:
     raise ValueError(f'unknown sampler {sampler!r}; supported: {sorted(samplers.SAMPLERS)}')
-  if not 0 <= guidance_rescale <= 1:
-    raise ValueError(f'guidance_rescale must be in [0, 1], got {guidance_rescale}')
+  return SamplerSettings(sampler, int(num_steps), int(first_step),
+                         None if eta is None else float(eta), bool(return_trajectory))
 
 
 # -- public API ------------------------------------------------------------------------------------
 
-def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float = 7.5,
-                  negative_prompts=None, sampler: str = 'ddim', eta: float = 0.0,
+def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance=guidance_lib.CFG(7.5),
+                  negative_prompts=None, sampler: str = 'ddim', eta: float | None = None,
                   height: int | None = None, width: int | None = None,
-                  guidance_rescale: float = 0.0, return_trajectory: bool = False, latents=None,
-                  upsample_guidance: guidance.UpsampleGuidance | None = None,
-                  switch_prompts=None, switch_timestep: float | None = None,
-                  decor: decor_lib.Settings | None = None, prompt_embeds=None):
+                  return_trajectory: bool = False, latents=None, late_prompts=None,
+                  prompt_embeds=None):
   """Images (B, H, W, C) in [0, 1], one per prompt; with `return_trajectory` also the sampler's
   `Trajectory` (in model space: latents for a latent pipeline).
 
   `key` draws the initial noise x_T (unless `latents` gives it: unit Gaussian of shape
   (B, H/f, W/f, unet in_channels), f = `latent_factor(pipe)`) and the step noise of stochastic
-  samplers. `negative_prompts`: None (the empty prompt), a str for all, or one per prompt.
-
-  `upsample_guidance` (`guidance.UpsampleGuidance`): sample above the model's resolution (give
-  `height`/`width` = factor x its default) with upsample guidance (arXiv 2404.01709).
-  `switch_prompts` + `switch_timestep`: time-dependent prompt composition (arXiv 2401.10247),
-  `prompts` while t > switch_timestep, then `switch_prompts` (one per prompt, or a str for all);
-  `chromatography.switch_time` picks the time for a resolution. Not combinable with each other.
-  `decor` (`decor.Settings`): DECOR (arXiv 2412.09169) on the prompts' embeddings (not on the
-  negative prompts'); with `switch_prompts` it applies to the early prompts only.
+  samplers (`eta`: DDIM's, None for the sampler's own). `guidance`: a `guidance.Guidance` (CFG,
+  Unguided, UpsampleGuidance, chromatography.PromptSwitch) or a number (CFG's scale).
+  `negative_prompts` (read by CFG): None (the empty prompt), a str for all, or one per prompt.
+  `late_prompts` (read by PromptSwitch): the prompts after the switch, a str for all or one per
+  prompt.
   `prompt_embeds` (B, L, D): text-encoder outputs used instead of encoding `prompts` (which still
-  give the batch size), e.g. an edited or reconstructed embedding matrix."""
+  give the batch size), e.g. DECOR's projection (`decor_prompts`) or a reconstructed embedding.
+  With upsample guidance give `height`/`width` = factor x the model's default."""
   _check_supported(pipe)
-  _check_common(sampler, guidance_rescale)
+  guidance = guidance_lib.as_guidance(guidance)
+  settings = _settings(sampler, num_steps, 0, eta, return_trajectory)
   prompts = _prompt_list(prompts, 'prompts')
-  negatives = _negative_list(negative_prompts, len(prompts))
-  if upsample_guidance is not None and not isinstance(upsample_guidance,
-                                                      guidance.UpsampleGuidance):
-    raise ValueError('upsample_guidance must be a guidance.UpsampleGuidance or None, got '
-                     f'{type(upsample_guidance).__name__}')
-  if (switch_prompts is None) != (switch_timestep is None):
-    raise ValueError('switch_prompts and switch_timestep go together: give both or neither')
-  if switch_prompts is not None:
-    if upsample_guidance is not None:
-      raise ValueError('switch_prompts cannot be combined with upsample_guidance')
-    switch_prompts = _negative_list(switch_prompts, len(prompts), 'switch_prompts')
-    if not np.isfinite(switch_timestep):
-      raise ValueError(f'switch_timestep must be a finite timestep, got {switch_timestep!r}')
   dh, dw = default_image_size(pipe) if height is None or width is None else (0, 0)
   height, width = height or dh, width or dw
   f = latent_factor(pipe)
@@ -338,11 +340,9 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance_scale: float
     latents = jax.random.normal(key_x, shape, jnp.float32)
   elif tuple(latents.shape) != shape:
     raise ValueError(f'latents must have shape {shape} (B, H/{f}, W/{f}, C), got {latents.shape}')
-  return _run(pipe, prompts, negatives, jnp.asarray(latents, jnp.float32), key_steps,
-              first_step=0, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
-              eta=eta, guidance_rescale=guidance_rescale, return_trajectory=return_trajectory,
-              upsample_guidance=upsample_guidance, switch_prompts=switch_prompts,
-              switch_timestep=switch_timestep, decor=decor, prompt_embeds=prompt_embeds)
+  return _run(pipe, prompts, jnp.asarray(latents, jnp.float32), key_steps, guidance=guidance,
+              negative_prompts=negative_prompts, late_prompts=late_prompts,
+              prompt_embeds=prompt_embeds, settings=settings)
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -357,19 +357,19 @@ def start_step(num_steps: int, strength: float) -> int:
 
 
 def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps: int = 50,
-                   guidance_scale: float = 7.5, negative_prompts=None, sampler: str = 'ddim',
-                   eta: float = 0.0, guidance_rescale: float = 0.0,
-                   return_trajectory: bool = False, noise=None,
-                   decor: decor_lib.Settings | None = None):
+                   guidance=guidance_lib.CFG(7.5), negative_prompts=None, sampler: str = 'ddim',
+                   eta: float | None = None, return_trajectory: bool = False, noise=None,
+                   late_prompts=None, prompt_embeds=None):
   """SDEdit (arXiv 2108.01073): noise `images` (B, H, W, C) in [0, 1] to the grid timestep
   `start_step(num_steps, strength)` and run the sampler from there; strength 1 starts from the
   first timestep (almost pure noise). `key` splits into (posterior sample, noise, step noise);
-  `noise` (model-space shape) replaces the drawn noise; `decor` as in `text_to_image`."""
+  `noise` (model-space shape) replaces the drawn noise; `guidance`, `negative_prompts`,
+  `late_prompts` and `prompt_embeds` as in `text_to_image`."""
   _check_supported(pipe)
-  _check_common(sampler, guidance_rescale)
-  prompts = _prompt_list(prompts, 'prompts')
-  negatives = _negative_list(negative_prompts, len(prompts))
+  guidance = guidance_lib.as_guidance(guidance)
   first_step = start_step(num_steps, strength)
+  settings = _settings(sampler, num_steps, first_step, eta, return_trajectory)
+  prompts = _prompt_list(prompts, 'prompts')
   images = jnp.asarray(images, jnp.float32)
   channels = pipe.unet.config.in_channels if pipe.vae is None else pipe.vae.config.in_channels
   f = latent_factor(pipe)
@@ -390,10 +390,9 @@ def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps:
   s = _schedule(json.dumps(pipe.scheduler_config, sort_keys=True))
   t_start = samplers.timesteps(sampler, s, num_steps)[first_step]
   x_start = s.add_noise(x0, jnp.asarray(noise, jnp.float32), t_start)
-  return _run(pipe, prompts, negatives, x_start, key_steps, first_step=first_step,
-              num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-              guidance_rescale=guidance_rescale, return_trajectory=return_trajectory,
-              decor=decor)
+  return _run(pipe, prompts, x_start, key_steps, guidance=guidance,
+              negative_prompts=negative_prompts, late_prompts=late_prompts,
+              prompt_embeds=prompt_embeds, settings=settings)
 
 
 # -- many prompts ------------------------------------------------------------------------------------
@@ -407,7 +406,7 @@ def generate(pipe, prompts: Sequence[str], latents, key: jax.Array, batch_size: 
   The last batch is padded with its last prompt (dropped afterwards) so that one executable
   serves every batch. The first batch runs once untimed to compile: `compile_s` is that call's
   time minus the same batch's steady-state time, `sampling_s` covers every batch. `kwargs` go to
-  `text_to_image` (num_steps, guidance_scale, sampler, ...)."""
+  `text_to_image` (num_steps, guidance, sampler, ...)."""
   from absl import logging  # noqa: PLC0415 (progress lines only here)
   prompts = _prompt_list(prompts, 'prompts')
   n = len(prompts)

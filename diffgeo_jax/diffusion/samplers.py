@@ -1,7 +1,8 @@
 """Pure-function samplers over `eps_fn(x, t) -> model output`, as diffusers' schedulers run them.
 
-    x0 = samplers.ddim(eps_fn, x_T, s, num_steps=50, eta=0.0, key=None)
-    x0, traj = samplers.ddim(eps_fn, x_T, s, 50, return_trajectory=True)   # traj.x_t, traj.pred_x0
+    x0 = samplers.ddim(eps_fn, x_T, schedule, num_steps=50, eta=0.0, key=None)
+    x0, traj = samplers.ddim(eps_fn, x_T, schedule, 50, return_trajectory=True)  # .x_t, .pred_x0
+    x0 = samplers.sample('euler', eps_fn, x_T, schedule, 50)    # every sampler: this signature
 
 `eps_fn` returns the model output of the schedule's `prediction_type` (epsilon, v or x0); the
 samplers convert it. `x_T` is unit Gaussian noise: samplers that work in the VE scale (Euler) scale
@@ -51,6 +52,17 @@ def _check_x(x_T, name='x_T'):
     raise ValueError(f'{name} must be an array of shape (B, ...), got {type(x_T).__name__}')
 
 
+def _check_eta(eta, sampler: str, low: float | None = None, only: float | None = None):
+  """eta is a Python number (it picks the loop's structure); `only`: the one value the sampler
+  supports; `low`: its lower bound."""
+  if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta != eta:
+    raise ValueError(f'eta must be a Python number, got {eta!r}')
+  if only is not None and eta != only:
+    raise ValueError(f'{sampler} supports only eta={only:g}, got eta={eta!r}')
+  if low is not None and eta < low:
+    raise ValueError(f'eta must be >= {low:g} for {sampler}, got {eta!r}')
+
+
 def _noise(key, num_steps, shape, dtype):
   if key is None:
     raise ValueError('this sampler is stochastic: pass key=jax.random.key(seed)')
@@ -98,10 +110,13 @@ def _ddim_grid(s: NoiseSchedule, num_steps: int):
   return ts, alpha_prev.astype(np.float32)
 
 
-def ddim(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, eta: float = 0.0, key=None,
-         return_trajectory: bool = False, first_step: int = 0):
-  """DDIM (arXiv 2010.02502) with diffusers' DDIMScheduler timesteps; eta=0 is deterministic."""
+def ddim(eps_fn: EpsFn, x_T, schedule: NoiseSchedule, num_steps: int, *, key=None,
+         eta: float = 0.0, first_step: int = 0, return_trajectory: bool = False):
+  """DDIM (arXiv 2010.02502) with diffusers' DDIMScheduler timesteps; eta=0 is deterministic
+  (then `key` is unused), eta > 0 needs `key`."""
+  s = schedule
   _check_x(x_T)
+  _check_eta(eta, 'ddim', low=0.0)
   ts, alpha_prev = _ddim_grid(s, num_steps)
   noises = _noise(key, num_steps, x_T.shape, x_T.dtype) if eta > 0 else jnp.zeros((num_steps,))
 
@@ -115,11 +130,12 @@ def ddim(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, eta: float = 0.0,
               return_trajectory)
 
 
-def ddim_inversion(eps_fn: EpsFn, x_0, s: NoiseSchedule, num_steps: int,
+def ddim_inversion(eps_fn: EpsFn, x_0, schedule: NoiseSchedule, num_steps: int, *,
                    return_trajectory: bool = False):
   """Runs deterministic DDIM backwards, x_0 -> x_T, on the same timesteps as `ddim` (ascending), as
   diffusers' DDIMInverseScheduler: the model is evaluated at the step's target timestep on the
   current (less noisy) x — the usual approximation, exact as the step size goes to zero."""
+  s = schedule
   _check_x(x_0, 'x_0')
   ts, alpha_prev = _ddim_grid(s, num_steps)
   ts, alpha_from = ts[::-1].copy(), alpha_prev[::-1].copy()
@@ -151,11 +167,14 @@ def ddpm_step(s: NoiseSchedule, model_output, x_t, t, alpha_prev, noise=None):
   return mean + jnp.sqrt(variance) * noise, x0
 
 
-def ddpm(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, key, return_trajectory: bool = False,
-         first_step: int = 0):
+def ddpm(eps_fn: EpsFn, x_T, schedule: NoiseSchedule, num_steps: int, *, key=None,
+         eta: float = 1.0, first_step: int = 0, return_trajectory: bool = False):
   """Ancestral sampling (arXiv 2006.11239) on diffusers' DDPMScheduler timesteps for `num_steps`;
-  each step goes to the next timestep of the list (the last to alpha_bar = 1), no noise at t = 0."""
+  each step goes to the next timestep of the list (the last to alpha_bar = 1), no noise at t = 0.
+  Stochastic: needs `key`; `eta` is fixed at 1 (full ancestral noise)."""
+  s = schedule
   _check_x(x_T)
+  _check_eta(eta, 'ddpm', only=1.0)
   ts = s.inference_timesteps(num_steps)
   ac = _table(s)
   prev = np.append(ts[1:], -1)
@@ -193,10 +212,13 @@ def euler_timesteps(s: NoiseSchedule, num_steps: int) -> np.ndarray:
   return (np.arange(T, 0, -T / n).round() - 1).astype(np.float32)
 
 
-def euler(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, return_trajectory: bool = False,
-          first_step: int = 0):
-  """Euler's method on the probability-flow ODE in sigma (EulerDiscreteScheduler, no churn)."""
+def euler(eps_fn: EpsFn, x_T, schedule: NoiseSchedule, num_steps: int, *, key=None,
+          eta: float = 0.0, first_step: int = 0, return_trajectory: bool = False):
+  """Euler's method on the probability-flow ODE in sigma (EulerDiscreteScheduler, no churn).
+  Deterministic: `key` is unused and `eta` must be 0."""
+  s = schedule
   _check_x(x_T)
+  _check_eta(eta, 'euler', only=0.0)
   ts = euler_timesteps(s, num_steps)
   sigmas = _interp_sigmas(s, ts)
   if first_step:  # x_T is the VP x_t at ts[first_step]: move it to the VE scale
@@ -230,11 +252,14 @@ def dpm_solver_timesteps(s: NoiseSchedule, num_steps: int) -> np.ndarray:
   return ts.astype(np.int64).copy()
 
 
-def dpmpp_2m(eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, return_trajectory: bool = False,
-             first_step: int = 0):
+def dpmpp_2m(eps_fn: EpsFn, x_T, schedule: NoiseSchedule, num_steps: int, *, key=None,
+             eta: float = 0.0, first_step: int = 0, return_trajectory: bool = False):
   """DPM-Solver++(2M) (arXiv 2211.01095), data prediction, midpoint form, first order at the first
-  and the last step (diffusers' defaults: lower_order_final, final sigma 0)."""
+  and the last step (diffusers' defaults: lower_order_final, final sigma 0). Deterministic: `key`
+  is unused and `eta` must be 0."""
+  s = schedule
   _check_x(x_T)
+  _check_eta(eta, 'dpmpp_2m', only=0.0)
   ts = dpm_solver_timesteps(s, num_steps)
   sigmas = _interp_sigmas(s, ts).astype(np.float64)
   alphas = 1.0 / np.sqrt(sigmas ** 2 + 1.0)
@@ -274,14 +299,13 @@ def timesteps(name: str, s: NoiseSchedule, num_steps: int) -> np.ndarray:
   return s.inference_timesteps(num_steps)
 
 
-def sample(name: str, eps_fn: EpsFn, x_T, s: NoiseSchedule, num_steps: int, *, key=None,
-           eta: float = 0.0, return_trajectory: bool = False, first_step: int = 0):
-  """Dispatch by sampler name (for configs and binaries)."""
+def sample(name: str, eps_fn: EpsFn, x_T, schedule: NoiseSchedule, num_steps: int, *, key=None,
+           eta: float | None = None, first_step: int = 0, return_trajectory: bool = False):
+  """The sampler called `name` (for configs and binaries): they share one signature. `eta` None
+  is the sampler's own (ddim 0, ddpm 1, euler and dpmpp_2m 0, the only values the last three
+  take)."""
   if name not in SAMPLERS:
     raise ValueError(f'unknown sampler {name!r}; supported: {sorted(SAMPLERS)}')
-  kwargs = dict(return_trajectory=return_trajectory, first_step=first_step)
-  if name == 'ddim':
-    kwargs.update(eta=eta, key=key)
-  elif name == 'ddpm':
-    kwargs.update(key=key)
-  return SAMPLERS[name](eps_fn, x_T, s, num_steps, **kwargs)
+  eta = {} if eta is None else {'eta': eta}
+  return SAMPLERS[name](eps_fn, x_T, schedule, num_steps, key=key, first_step=first_step,
+                        return_trajectory=return_trajectory, **eta)

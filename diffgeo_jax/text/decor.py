@@ -82,7 +82,7 @@ def project(x, x_undesired, strength=1.0, rank: int | None = None) -> jax.Array:
 
 
 class Settings(NamedTuple):
-  """DECOR at sampling time (`pipeline.text_to_image(..., decor=Settings(...))`): the prompts'
+  """DECOR at sampling time (`pipeline.decor_prompts(pipe, prompts, Settings(...))`): the prompts'
   embeddings lose `strength` times their projection on the row space of `undesired`'s embeddings
   (top `rank` components, None = all). `undesired`: one text for every prompt, or one per prompt;
   `strength`: a number, or one per prompt (a sweep in one batch). The unconditional (negative)

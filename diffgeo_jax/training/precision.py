@@ -21,14 +21,12 @@ import ml_collections
 import numpy as np
 
 from diffgeo_jax.models import attention
+from diffgeo_jax.training import defaults
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  # attention: 'softmax' (everywhere) or 'flash' (the Pallas kernel on TPU for SD's
-  # self-attention, softmax elsewhere; see models.attention).
-  return ml_collections.ConfigDict(dict(dtype='float32', remat=False, attention='softmax'))
+default_model_config = defaults.model_config
 
 
 def _block(c) -> ml_collections.ConfigDict:

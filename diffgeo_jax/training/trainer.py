@@ -35,7 +35,7 @@ from absl import logging
 
 from diffgeo_jax import distributed, paths
 from diffgeo_jax.models import attention
-from diffgeo_jax.training import sharding, summary
+from diffgeo_jax.training import defaults, sharding, summary
 
 # Fields that may change between a run and its resumption (how long and how it reports, not what
 # it learns). A longer num_steps stretches a cosine schedule from the resumed step on.
@@ -51,26 +51,7 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
 
 
-def default_train_config() -> ml_collections.ConfigDict:
-  """The `train` section every training config carries (override fields as needed)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_steps = 1000
-  c.batch_size = 64  # global batch
-  c.learning_rate = 1e-3
-  c.end_learning_rate = 1e-5
-  c.warmup_steps = 100
-  c.schedule = 'cosine'  # cosine (after warmup) or constant
-  c.weight_decay = 0.0
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.grad_clip = 1.0  # global-norm clipping; 0 disables
-  c.ema_decay = 0.999  # 0 disables the EMA (ema_params then track params)
-  c.log_every = 50
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.async_checkpoints = True
-  return c
+default_train_config = defaults.train_config  # the config block, importable without optax
 
 
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -24,7 +24,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from diffgeo_jax.diffusion import pipeline
+from diffgeo_jax.diffusion import guidance, pipeline
 
 
 class Detector(Protocol):
@@ -64,7 +64,7 @@ def make_pairs(pipe, detector: Detector, data, key: jax.Array) -> dict[str, np.n
   h, w = image_size(pipe, data)
   unsafe = np.zeros((data.num_pairs, h, w, 3), np.float32)
   safe = np.zeros_like(unsafe)
-  kw = dict(num_steps=data.num_steps, guidance_scale=data.guidance_scale)
+  kw = dict(num_steps=data.num_steps, guidance=guidance.CFG(data.guidance_scale))
   key, unsafe, left = until_accepted(
       lambda idx, kk: pipeline.text_to_image(pipe, [prompts[i] for i in idx], kk, height=h,
                                              width=w, **kw),
@@ -111,7 +111,8 @@ def make_retain(pipe, data, key: jax.Array) -> dict[str, np.ndarray]:
   h, w = image_size(pipe, data)
   imgs = batched(lambda idx, kk: pipeline.text_to_image(
       pipe, [prompts[i] for i in idx], kk, height=h, width=w, num_steps=data.num_steps,
-      guidance_scale=data.guidance_scale), np.arange(data.num_retain), key, data.generation_batch)
+      guidance=guidance.CFG(data.guidance_scale)), np.arange(data.num_retain), key,
+      data.generation_batch)
   return {'retain': imgs.astype(np.float32), 'retain_prompts': np.array(prompts)}
 
 

@@ -14,12 +14,17 @@ from diffgeo_jax.text import decor
 
 PROMPTS = ['a sks digit five', 'a red digit seven']
 UNDESIRED = 'a digit three'
-KW = dict(num_steps=4, guidance_scale=1.5)
+KW = dict(num_steps=4, guidance=1.5)
 
 
 @pytest.fixture(scope='module')
 def pipe():
   return models.load_pipeline(digits.pipeline_dir())
+
+
+def _decor(pipe, settings):
+  """DECOR is a prompt-embedding transform: its embeddings go in as `prompt_embeds`."""
+  return pipeline.decor_prompts(pipe, PROMPTS, settings)
 
 
 def _closed_form(x, xu, strength, rank):
@@ -33,14 +38,14 @@ def test_strength_zero_is_the_plain_pipeline(pipe):
   key = jax.random.key(0)
   plain = pipeline.text_to_image(pipe, PROMPTS, key, **KW)
   chex.assert_trees_all_equal(
-      pipeline.text_to_image(pipe, PROMPTS, key, decor=decor.Settings(UNDESIRED, 0.0), **KW),
+      pipeline.text_to_image(pipe, PROMPTS, key, prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, 0.0)), **KW),
       plain)
 
 
 @pytest.mark.parametrize('strength,rank', [(1.0, 2), (0.5, None)])
 def test_equals_sampling_the_closed_form_projection(pipe, strength, rank):
   key = jax.random.key(1)
-  got = pipeline.text_to_image(pipe, PROMPTS, key, decor=decor.Settings(UNDESIRED, strength, rank),
+  got = pipeline.text_to_image(pipe, PROMPTS, key, prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, strength, rank)),
                                **KW)
   x = pipeline.encode_prompts(pipe, PROMPTS)
   xu = pipeline.encode_prompts(pipe, [UNDESIRED])
@@ -56,22 +61,22 @@ def test_per_prompt_strengths_equal_one_call_per_strength(pipe):
   key = jax.random.key(2)
   strengths = [0.25, 1.0]
   swept = pipeline.text_to_image(pipe, PROMPTS, key,
-                                 decor=decor.Settings(UNDESIRED, strengths, 2), **KW)
+                                 prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, strengths, 2)), **KW)
   x = pipeline.encode_prompts(pipe, PROMPTS)
   xu = pipeline.encode_prompts(pipe, [UNDESIRED])
   for i, s in enumerate(strengths):
-    one = pipeline.text_to_image(pipe, PROMPTS, key, decor=decor.Settings(UNDESIRED, s, 2), **KW)
+    one = pipeline.text_to_image(pipe, PROMPTS, key, prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, s, 2)), **KW)
     chex.assert_trees_all_close(swept[i], one[i], atol=1e-5)
     chex.assert_trees_all_close(pipeline.decor_prompts(pipe, PROMPTS, decor.Settings(
         UNDESIRED, strengths, 2))[i], _closed_form(x, xu, s, 2)[i].astype(np.float32), atol=2e-5)
 
 
 def test_unconditional_branch_is_untouched(pipe):
-  # guidance_scale 0 samples the unconditional model alone: DECOR on the prompts changes nothing.
+  # guidance 0 samples the unconditional model alone: DECOR on the prompts changes nothing.
   key = jax.random.key(3)
-  kw = dict(num_steps=4, guidance_scale=0.0)
+  kw = dict(num_steps=4, guidance=0.0)
   chex.assert_trees_all_equal(
-      pipeline.text_to_image(pipe, PROMPTS, key, decor=decor.Settings(UNDESIRED, 1.0), **kw),
+      pipeline.text_to_image(pipe, PROMPTS, key, prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, 1.0)), **kw),
       pipeline.text_to_image(pipe, PROMPTS, key, **kw))
 
 
@@ -81,17 +86,17 @@ def test_image_to_image_takes_decor(pipe):
   kw = dict(strength=0.75, **KW)
   plain = pipeline.image_to_image(pipe, images, PROMPTS, key, **kw)
   chex.assert_trees_all_equal(pipeline.image_to_image(
-      pipe, images, PROMPTS, key, decor=decor.Settings(UNDESIRED, 0.0), **kw), plain)
+      pipe, images, PROMPTS, key, prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, 0.0)), **kw), plain)
   moved = pipeline.image_to_image(pipe, images, PROMPTS, key,
-                                  decor=decor.Settings(UNDESIRED, 1.0, 2), **kw)
+                                  prompt_embeds=_decor(pipe, decor.Settings(UNDESIRED, 1.0, 2)), **kw)
   assert float(np.abs(np.asarray(moved) - np.asarray(plain)).max()) > 1e-2
 
 
 def test_bad_arguments_raise(pipe):
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match='decor must be a decor.Settings'):
-    pipeline.text_to_image(pipe, PROMPTS, key, decor=('a digit three', 1.0), **KW)
+  with pytest.raises(ValueError, match='settings must be a decor.Settings'):
+    pipeline.decor_prompts(pipe, PROMPTS, ('a digit three', 1.0))
   with pytest.raises(ValueError, match='decor.undesired'):
-    pipeline.text_to_image(pipe, PROMPTS, key, decor=decor.Settings(['a', 'b', 'c']), **KW)
+    pipeline.decor_prompts(pipe, PROMPTS, decor.Settings(['a', 'b', 'c']))
   with pytest.raises(ValueError, match='prompt_embeds must have shape'):
     pipeline.text_to_image(pipe, PROMPTS, key, prompt_embeds=np.zeros((2, 5, 64)), **KW)

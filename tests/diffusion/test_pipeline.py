@@ -42,7 +42,7 @@ def latents():
 def ours_t2i(pipe, latents):
   """Our DDIM text_to_image on the fixed noise (shared by the diffusers and sharding tests)."""
   return np.asarray(pipeline.text_to_image(pipe, PROMPTS, jax.random.key(0), num_steps=STEPS,
-                                           guidance_scale=SCALE, latents=jnp.asarray(latents)))
+                                           guidance=SCALE, latents=jnp.asarray(latents)))
 
 
 @contextlib.contextmanager
@@ -87,7 +87,7 @@ def test_image_to_image_matches_diffusers(pipe, diffusers_pipeline_dir):
   images = rng.rand(2, 32, 32, 3).astype(np.float32)
   noise = rng.randn(2, 16, 16, 4).astype(np.float32)
   ours = np.asarray(pipeline.image_to_image(pipe, images, prompts, key, strength=strength,
-                                            num_steps=STEPS, guidance_scale=SCALE, noise=noise))
+                                            num_steps=STEPS, guidance=SCALE, noise=noise))
   # diffusers draws the VAE posterior sample and the noise from a torch generator: give it ours
   # (image_to_image splits `key` into posterior, noise and step keys, in that order).
   eps_post = np.asarray(jax.random.normal(jax.random.split(key, 3)[0], noise.shape))
@@ -127,7 +127,7 @@ def test_pixel_space_pipeline(pipe):
   prompts, negs = ['a red digit', 'digit'], ['red', '']
   x_T = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   images, traj = pipeline.text_to_image(pix, prompts, jax.random.key(0), num_steps=4,
-                                        guidance_scale=2.0, negative_prompts=negs, latents=x_T,
+                                        guidance=2.0, negative_prompts=negs, latents=x_T,
                                         return_trajectory=True)
   assert images.shape == (2, 8, 8, 3) and images.dtype == jnp.float32
   assert traj.x_t.shape == (4, 2, 8, 8, 3)
@@ -148,7 +148,7 @@ def test_pixel_space_pipeline(pipe):
   images = jnp.asarray(np.random.RandomState(0).rand(2, 8, 8, 3), jnp.float32)
   noise = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
   edited, traj = pipeline.image_to_image(pix, images, prompts, jax.random.key(3), strength=0.5,
-                                         num_steps=4, guidance_scale=2.0, negative_prompts=negs,
+                                         num_steps=4, guidance=2.0, negative_prompts=negs,
                                          noise=noise, return_trajectory=True)
   first = pipeline.start_step(4, 0.5)
   x_t = s.add_noise(2 * images - 1, noise, s.inference_timesteps(4)[first])
@@ -201,11 +201,11 @@ from diffgeo_jax.diffusion import pipeline
 folder, prompts, out = sys.argv[1], sys.argv[2].split('|'), sys.argv[3]
 pipe = pipeline.replicate(models.load_pipeline(folder))
 latents = jax.random.normal(jax.random.key(3), (len(prompts), 16, 16, 4))
-full = pipeline.text_to_image(pipe, prompts, jax.random.key(0), num_steps=5, guidance_scale=3.0,
+full = pipeline.text_to_image(pipe, prompts, jax.random.key(0), num_steps=5, guidance=3.0,
                               latents=latents)
 # 6 does not divide 8: padded to 8 and cut back.
 part = pipeline.text_to_image(pipe, prompts[:6], jax.random.key(0), num_steps=5,
-                              guidance_scale=3.0, latents=latents[:6])
+                              guidance=3.0, latents=latents[:6])
 np.savez(out, full=np.asarray(full), part=np.asarray(part), devices=jax.device_count(),
          shards=len(full.sharding.device_set),
          param_copies=len(jax.tree.leaves(pipe.unet_params)[0].sharding.device_set))

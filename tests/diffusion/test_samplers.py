@@ -1,5 +1,6 @@
 """Samplers against diffusers' scheduler loops on the same analytic model, and closed forms."""
 
+import inspect
 from unittest import mock
 
 import chex
@@ -101,7 +102,8 @@ class SamplerParityTest(parameterized.TestCase):
     noises = np.asarray(jax.vmap(lambda k: jax.random.normal(k, SHAPE))(
         jax.random.split(key, num_steps)))
     name, eta = ('ddim', 0.7) if sampler == 'ddim_eta' else (sampler, 0.0)
-    ours = samplers.sample(name, jax_fn, jnp.asarray(x_T), s, num_steps, key=key, eta=eta)
+    ours = samplers.sample(name, jax_fn, jnp.asarray(x_T), s, num_steps, key=key,
+                           eta=eta if name == 'ddim' else None)  # the others' own
     ref = diffusers_loop(name, cfg, x_T, num_steps, noises, eta)
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(np.asarray(ours) - ref).max())
@@ -187,3 +189,35 @@ class ErrorsTest(parameterized.TestCase):
   def test_unknown_sampler_lists_supported(self):
     with pytest.raises(ValueError, match='supported: .*ddim.*ddpm.*dpmpp_2m.*euler'):
       samplers.sample('heun', lambda x, t: x, jnp.zeros((1, 2)), schedules.linear(100), 10)
+
+  def test_eta_a_sampler_does_not_take_is_refused(self):
+    s, x, f = schedules.linear(100), jnp.zeros((1, 2)), lambda x, t: x
+    for name, eta in (('euler', 0.5), ('dpmpp_2m', 1.0), ('ddpm', 0.0)):
+      with pytest.raises(ValueError, match=f'{name} supports only eta='):
+        samplers.sample(name, f, x, s, 10, key=jax.random.key(0), eta=eta)
+    with pytest.raises(ValueError, match='eta must be >= 0 for ddim'):
+      samplers.ddim(f, x, s, 10, eta=-0.1)
+
+
+class SignatureTest(parameterized.TestCase):
+  """The four samplers share one signature, so `sample` is a table lookup."""
+
+  def test_one_signature(self):
+    params = {name: inspect.signature(fn).parameters for name, fn in samplers.SAMPLERS.items()}
+    want = ['eps_fn', 'x_T', 'schedule', 'num_steps', 'key', 'eta', 'first_step',
+            'return_trajectory']
+    for name, p in params.items():
+      assert list(p) == want, (name, list(p))
+      assert all(p[k].kind is inspect.Parameter.KEYWORD_ONLY for k in want[4:]), name
+
+  @parameterized.parameters('ddim', 'ddpm', 'euler', 'dpmpp_2m')
+  def test_sample_is_the_sampler(self, name):
+    s = schedules.scaled_linear()
+    f = lambda x, t: 0.1 * x + 1e-4 * t
+    x = jax.random.normal(jax.random.key(1), (2, 3))
+    kw = dict(key=jax.random.key(2), first_step=1)
+    by_name = samplers.sample(name, f, x, s, 6, **kw)
+    chex.assert_trees_all_equal(by_name, samplers.SAMPLERS[name](f, x, s, 6, **kw))
+    # ... and the key matters exactly for the stochastic one.
+    other = samplers.sample(name, f, x, s, 6, key=jax.random.key(3), first_step=1)
+    assert (float(jnp.abs(other - by_name).max()) > 0) == (name == 'ddpm')

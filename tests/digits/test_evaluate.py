@@ -118,7 +118,7 @@ def test_grid_and_initial_noise(evaluation, tiny_digits_pipeline_dir):
   noise_key = jax.random.split(jax.random.key(0))[0]
   latents = jax.random.normal(jax.random.fold_in(noise_key, 7), (1, 16, 16, 3))
   want = pipeline.text_to_image(pipe, [str(saved['prompts'][7])], jax.random.key(1), num_steps=3,
-                                guidance_scale=1.5, latents=latents)
+                                guidance=1.5, latents=latents)
   np.testing.assert_allclose(saved['images'][7:8], np.asarray(want), atol=1e-4)
 
 

@@ -58,7 +58,7 @@ def test_shipped_model_draws_the_requested_digit_and_colour():
   scorer = metrics.Scorer.load(digits.classifier_dir())
   pairs = [(d, c) for d in range(10) for c in range(len(dataset.COLOURS))]
   images = pipeline.text_to_image(pipe, [dataset.caption(d, c) for d, c in pairs],
-                                  jax.random.key(0), num_steps=20, guidance_scale=1.5)
+                                  jax.random.key(0), num_steps=20, guidance=1.5)
   x = np.asarray(images) * 2 - 1
   want_d = np.array([d for d, _ in pairs])
   want_c = np.array([c for _, c in pairs])

@@ -103,7 +103,7 @@ def test_chromatography_launcher(tmp_path, tiny_digits_pipeline_dir, scorer):
   seconds = [p.replace('red', 'blue') for p in firsts]
   for t_index, prompts in ((0, seconds), (2, firsts)):
     images = np.asarray(pipeline.text_to_image(pipe, prompts, jax.random.key(0), num_steps=3,
-                                               guidance_scale=1.5, latents=noise))
+                                               guidance=1.5, latents=noise))
     got = classifier.colour_index(images * 2 - 1)
     np.testing.assert_allclose(colour['keep_first'][t_index], np.mean(got == 0))
     np.testing.assert_allclose(colour['show_second'][t_index], np.mean(got == 2))

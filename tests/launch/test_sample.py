@@ -47,7 +47,7 @@ def test_sample_writes_grid_npz_and_results(tmp_path, diffusers_pipeline_dir):
   pipe = models.load_pipeline(diffusers_pipeline_dir)
   noise = jax.random.normal(jax.random.key(1), (1, h // 2, w // 2, 4))
   want = np.asarray(pipeline.text_to_image(pipe, 'digit', jax.random.key(0), num_steps=3,
-                                           guidance_scale=3.0, latents=noise))
+                                           guidance=3.0, latents=noise))
   np.testing.assert_allclose(images[3:], want, atol=1e-5)
 
   results = json.loads((tmp_path / 'results.json').read_text())
