@@ -38,7 +38,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 from etils import epath
 
 from diffgeo_jax import distributed, paths
@@ -164,6 +164,15 @@ class Run:
     logging.info('wrote %s/results.json (%.1f s): %s', self.workdir, out['wall_s']['total'],
                  json.dumps(out['metrics'])[:2000])
     return out
+
+
+def start_main(argv, config_flag, workdir_flag, **start_kw) -> tuple[Any, Run]:
+  """The prologue of a config binary's `main(argv)`: no positional arguments, then the config
+  of `config_flag` and `start(config, workdir_flag.value, **start_kw)`."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = config_flag.value
+  return config, start(config, workdir_flag.value, **start_kw)
 
 
 def start(config, workdir: str | os.PathLike, *, config_file: str | None = 'config.json',

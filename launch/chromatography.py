@@ -149,10 +149,7 @@ def plot_switch(s, measured: dict, factors):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value)
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR)
   for e in config.experiments:
     if e not in EXPERIMENTS:
       raise ValueError(f'unknown experiment {e!r} in config.experiments; supported: {EXPERIMENTS}')

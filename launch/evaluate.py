@@ -90,10 +90,7 @@ def breakdown(digit_ok, colour_ok, groups, names) -> dict[str, dict[str, float |
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value)
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR)
   jobs = prompts_of(config)
   per_prompt = int(config.samples_per_prompt)
   if per_prompt < 1:

@@ -123,10 +123,7 @@ def plot_lines(x, series: dict, xlabel, ylabel, title):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value)
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR)
   folder = digits.pipeline_dir(config.pipeline_dir)
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(folder))  # params on every device once

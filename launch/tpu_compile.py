@@ -169,10 +169,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value)
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR)
   if not chips.libtpu_available():
     raise RuntimeError("libtpu is not installed: pip install -e '.[tpu]' (the jax[tpu] extra "
                        'matching the installed jax)')

@@ -21,7 +21,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffgeo_jax import distributed, runs
+from diffgeo_jax import runs
 from diffgeo_jax.digits import classifier, dataset, metrics
 from diffgeo_jax.training import trainer
 
@@ -86,15 +86,10 @@ def evaluate(scorer: metrics.Scorer, split_seed: int) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  # config_file=None: the Trainer writes config.json
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR, config_file=None)
   job = Job(config)
-  with run.timed('training'):
-    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
-                                    job.batch_fn).run()
-  params = distributed.to_host(state.ema_params)
+  params, result = trainer.train_job(config, run, job)
   with run.timed('evaluation'):
     scores = evaluate(metrics.Scorer(job.model, params, config.eval.batch_size),
                       config.data.split_seed)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffgeo_jax import distributed, runs
+from diffgeo_jax import runs
 from diffgeo_jax.digits import digit_tokens
 from diffgeo_jax.discrete import data, processes
 from diffgeo_jax.discrete import model as model_lib
@@ -132,15 +132,10 @@ def evaluate(model, params, tokens, process, t_min: float, seed: int, repeats: i
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _FLAGS['config'].value
-  run = runs.start(config, _FLAGS['workdir'].value, config_file=None)  # the Trainer writes it
+  # config_file=None: the Trainer writes config.json
+  config, run = runs.start_main(argv, _FLAGS['config'], _FLAGS['workdir'], config_file=None)
   job = Job(config)
-  with run.timed('training'):
-    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
-                                    job.batch_fn).run()
-  params = distributed.to_host(state.ema_params)
+  params, result = trainer.train_job(config, run, job)
   e, d = config.eval, config.data
   is_countdown = d.name == 'countdown'
   with run.timed('evaluation'):

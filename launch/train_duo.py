@@ -157,10 +157,8 @@ def evaluate(job: Job, unet_params, config) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  # config_file=None: the Trainer writes config.json
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR, config_file=None)
   with run.timed('pairs'):
     job = Job(config, run)
   config.train.learning_rate = job.learning_rate  # coupled to beta (official scripts)

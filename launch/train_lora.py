@@ -201,10 +201,8 @@ class Job:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  # config_file=None: the Trainer writes config.json
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR, config_file=None)
   if config.prior.weight > 0 and config.train.batch_size < 2:
     raise ValueError('prior preservation needs train.batch_size >= 2 (half instance, half class)')
   with run.timed('data'):

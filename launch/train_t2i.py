@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffgeo_jax import digits, distributed, models, paths, runs
+from diffgeo_jax import digits, models, paths, runs
 from diffgeo_jax.diffusion import schedules
 from diffgeo_jax.digits import dataset, tokenizer
 from diffgeo_jax.training import precision, text_to_image, trainer
@@ -77,15 +77,10 @@ class Job:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value, config_file=None)  # the Trainer writes config.json
+  # config_file=None: the Trainer writes config.json
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR, config_file=None)
   job = Job(config)
-  with run.timed('training'):
-    state, result = trainer.Trainer(config, run.workdir, job.init_fn, job.loss_fn,
-                                    job.batch_fn).run()
-  params = distributed.to_host(state.ema_params)
+  params, result = trainer.train_job(config, run, job)
   n_params = {k: int(sum(np.size(p) for p in jax.tree.leaves(v))) for k, v in params.items()}
   result = {**result, 'parameters': n_params, 'train_images': len(job.split)}
   if run.is_main:

@@ -110,10 +110,7 @@ def plot_accuracy(results: dict):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  run = runs.start(config, _WORKDIR.value)
+  config, run = runs.start_main(argv, _CONFIG, _WORKDIR)
   names = list(config.variants)
   for n in names:
     variant_guidance(n, config)  # unknown names fail before any sampling

@@ -3,6 +3,8 @@
     from diffgeo_jax import models
     unet, p = models.load_unet(dir)
     pipe = models.load_pipeline(dir)
+
+The bottom layer: it imports `paths` (folders, local or gs://) and nothing else of the library.
 """
 
 from diffgeo_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

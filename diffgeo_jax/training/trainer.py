@@ -309,6 +309,15 @@ class Trainer:
     return rows
 
 
+def train_job(config, run, job) -> tuple[Any, dict]:
+  """The training binaries' step: a job (`init_fn`, `loss_fn`, `batch_fn`) trained by a `Trainer`
+  in `run.workdir` (resuming from its checkpoints), timed as the run's 'training' phase. Returns
+  the EMA parameters on the host and the trainer's result."""
+  with run.timed('training'):
+    state, result = Trainer(config, run.workdir, job.init_fn, job.loss_fn, job.batch_fn).run()
+  return distributed.to_host(state.ema_params), result
+
+
 def _hms(seconds: float) -> str:
   if seconds != seconds:
     return '?'
