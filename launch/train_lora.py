@@ -146,12 +146,13 @@ def class_images(pipe, config, run: runs.Run | None) -> dict[str, np.ndarray]:
 def instance_context(pipe, config) -> np.ndarray:
   """(1, L, D) the instance prompt's embeddings, DECOR-projected when decor.train_strength > 0."""
   c = config.decor
-  settings = None
-  if c.train_strength:
-    if not c.undesired:
-      raise ValueError('decor.train_strength > 0 needs decor.undesired (the text to project out)')
-    settings = decor.Settings(c.undesired, c.train_strength, c.rank or None)
-  return np.asarray(pipeline.decor_prompts(pipe, [config.data.instance_prompt], settings))
+  prompts = [config.data.instance_prompt]
+  if not c.train_strength:
+    return np.asarray(pipeline.encode_prompts(pipe, prompts))
+  if not c.undesired:
+    raise ValueError('decor.train_strength > 0 needs decor.undesired (the text to project out)')
+  settings = decor.Settings(c.undesired, c.train_strength, c.rank or None)
+  return np.asarray(pipeline.decor_prompts(pipe, prompts, settings))
 
 
 class Job:
