@@ -17,6 +17,7 @@ This module imports only `resolution` and `schedules`-level code.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -342,7 +343,7 @@ class UpsampleGuidance:
 
 def as_guidance(value) -> Guidance:
   """A guidance object; a number is shorthand for `CFG(scale=number)`. Checked."""
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):  # also numpy scalars
     value = CFG(float(value))
   if not all(callable(getattr(value, m, None)) for m in ('reads', 'check', 'eps_fn')):
     raise ValueError('guidance must be a number (the CFG scale) or a guidance object '

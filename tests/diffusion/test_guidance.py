@@ -132,3 +132,19 @@ def test_batch_mismatch_raises():
     guidance.classifier_free(_nonlinear_model, x, 0.0, cond, uncond[:2], 2.0)
   with pytest.raises(ValueError, match='t must be'):
     guidance.classifier_free(_nonlinear_model, x, jnp.zeros((2,)), cond, uncond, 2.0)
+
+
+def test_guidance_objects_read_what_they_need():
+  """`reads` decides on concrete values which prompt sets the pipeline encodes; a number (also a
+  numpy scalar) is CFG; anything else is refused by name."""
+  from diffgeo_jax.diffusion import chromatography
+  assert guidance.as_guidance(np.float32(2.5)) == guidance.CFG(2.5)
+  assert guidance.CFG(1.0).reads() == frozenset()  # scale 1: the prompts alone
+  assert guidance.CFG(0.0).reads() == {'uncond'}
+  assert guidance.Unguided().reads() == frozenset()
+  assert guidance.UpsampleGuidance(inner=guidance.CFG(3.0)).reads() == {'uncond'}
+  assert chromatography.PromptSwitch(500.0).reads() == {'late', 'uncond'}
+  assert chromatography.PromptSwitch(500.0, inner=guidance.Unguided()).reads() == {'late'}
+  for bad in (True, 'cfg', None):
+    with pytest.raises(ValueError, match='guidance must be a number'):
+      guidance.as_guidance(bad)
