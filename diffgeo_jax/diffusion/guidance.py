@@ -282,6 +282,9 @@ class CFG:
   scale: Any = 7.5
   rescale: float = flax.struct.field(pytree_node=False, default=0.0)
 
+  def __post_init__(self):  # static settings only: the traced leaves may be tracers
+    _check_range(self.rescale, 'CFG.rescale', 0.0, 1.0)
+
   def reads(self) -> frozenset[str]:
     return frozenset() if _is_static(self.scale, 1.0) else frozenset({'uncond'})
 
@@ -318,18 +321,24 @@ class UpsampleGuidance:
   order: str = flax.struct.field(pytree_node=False, default='after')
   inner: Any = dataclasses.field(default_factory=CFG)
 
+  def __post_init__(self):  # static settings only (a bad one fails where it is written)
+    self._check_settings()
+
   def reads(self) -> frozenset[str]:
     return self.inner.reads()
 
   def check(self) -> None:
+    self._check_settings()
+    inner_cfg(self.inner, Contexts(None), 'UpsampleGuidance')
+    self.inner.check()
+
+  def _check_settings(self) -> None:
     if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
       raise ValueError(f'UpsampleGuidance.factor must be a positive int, got {self.factor!r}')
     _check_range(self.weight, 'UpsampleGuidance.weight', 0.0)
     _check_range(self.eta, 'UpsampleGuidance.eta', 0.0, 1.0)
     if self.order not in ('after', 'before'):
       raise ValueError(f"UpsampleGuidance.order must be 'after' or 'before', got {self.order!r}")
-    inner_cfg(self.inner, Contexts(None), 'UpsampleGuidance')
-    self.inner.check()
 
   def eps_fn(self, model_fn: ModelFn, s, ctx: Contexts) -> EpsFn:
     uncond, scale, rescale = inner_cfg(self.inner, ctx, 'UpsampleGuidance')
