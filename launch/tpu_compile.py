@@ -7,8 +7,9 @@ FLOPs and a roofline bound (compiler estimates, not measured TPU times).
       --config.dtype=float32,bfloat16 --config.remat=false,true --config.attention=softmax,flash \
       --workdir=/tmp/aot
 
-`--config.exec_time_optimization_effort=-1` compiles about 10x faster with a third of the host
-memory (estimates of a less optimised program; the table marks such rows): for a small host.
+`--config.exec_time_optimization_effort=-1` compiles 1.6-16x faster with a third of the host
+memory (estimates of a less optimised program, per-chip HBM 1-29% below the default's on SD-1.5;
+the table marks such rows): for a small host.
 
 For every combination of topology x model x job x dtype x remat x attention,
 `diffgeo_jax.aot.jobs` builds the jitted function the job's binary runs (from the same library code), with its production

@@ -69,9 +69,9 @@ def compile_program(lower: Callable[[], Any], chip: chips_lib.Chip,
 
   `exec_time_optimization_effort` is XLA's knob in [-1, 1] (0: its default). At -1 libtpu skips
   most of its optimisation passes: the SD-1.5 guided step compiled in 23 s with 1.6 GB of host
-  memory instead of 240 s and 4.3 GB, for a program whose per-chip memory was within 10% and
-  whose bytes accessed differed by 21% (BENCHMARKS.md): estimates of a less optimised program,
-  for programs a small host cannot otherwise compile (SDXL training).
+  memory instead of 240 s and 4.3 GB. The figures are those of a less optimised program: on six
+  SD-1.5 programs the same FLOPs, per-chip HBM 1-29% below effort 0's (BENCHMARKS.md). For
+  programs a small host cannot otherwise compile (SDXL training).
   """
   if not -1.0 <= exec_time_optimization_effort <= 1.0:
     raise ValueError('exec_time_optimization_effort must be in [-1, 1], got '
