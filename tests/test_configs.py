@@ -18,7 +18,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*', '*.py')
 common = config_files.load('configs/common.py', os.path.join(ROOT, 'x'))
 
 _READ_ALL = r'''
-import glob, json, os, sys
+import json, os, sys
 from diffgeo_jax import config_files
 read = {}
 for p in sys.argv[1:]:
