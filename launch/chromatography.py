@@ -157,6 +157,7 @@ def main(argv):
     raise ValueError('config.switch_times must be non-empty')
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
+    digits.require_pipeline(pipe, 'launch/chromatography.py')
     scorer = metrics.Scorer.load(paths.local_folder(
         digits.classifier_dir(config.classifier_dir), 'config.classifier_dir'))
   s = schedules.from_diffusers_config(pipe.scheduler_config)

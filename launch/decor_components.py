@@ -1,6 +1,8 @@
 r"""DECOR's component analysis (arXiv 2412.09169) of a text encoder's prompt embeddings: the SVD
 of each prompt's (tokens x width) output matrix, how its energy spreads over components and token
 positions, the share the padding rows carry, and images generated from top-k reconstructions.
+SDXL: the matrix is the UNet's context, both encoders' hidden states side by side
+(tokens x (D1 + D2)); the reconstructions keep the pooled embedding.
 
     python launch/decor_components.py --workdir=/tmp/decor_components            # the digits
     python launch/decor_components.py --pipeline_dir=/ckpt/sd-v1-5 \
@@ -43,9 +45,15 @@ _STEPS = flags.DEFINE_integer('num_steps', 30, 'Sampler steps of the reconstruct
 _GUIDANCE = flags.DEFINE_float('guidance_scale', 1.5, 'Guidance scale of the reconstructions.')
 
 
+def token_matrix(embeds):
+  """The (B, tokens, width) matrices the UNet cross-attends to: SD's encoder output, SDXL's
+  'context' (both encoders' hidden states side by side; the pooled embedding is not a token)."""
+  return embeds['context'] if isinstance(embeds, dict) else embeds
+
+
 def analyse(pipe, prompts: list[str]) -> tuple[list[dict], list[list[str]]]:
   """Per prompt: the decomposition's arrays (numpy) and the tokens of its rows."""
-  x = pipeline.encode_prompts(pipe, prompts)
+  x = token_matrix(pipeline.encode_prompts(pipe, prompts))
   limit = x.shape[1]
   ids = [pipe.tokenizer(p, truncation=True, max_length=limit).input_ids for p in prompts]
   # PAD rows: the positions after the end-of-text token (the pad id may equal EOS, as in SD 1.x).
@@ -99,12 +107,17 @@ def figure(rows: list[dict], tokens: list[str], top: int, title: str):
 
 def reconstructions(pipe, prompt: str, ks: list[int], n: int, num_steps: int,
                     guidance_scale: float) -> np.ndarray:
-  """(len(ks) * n, H, W, C): n samples of `prompt` from its top-k reconstruction per k."""
-  dec = decor.decompose(pipeline.encode_prompts(pipe, [prompt]))
+  """(len(ks) * n, H, W, C): n samples of `prompt` from its top-k reconstruction per k (SDXL:
+  of its token matrix; the pooled embedding is kept)."""
+  full = pipeline.encode_prompts(pipe, [prompt])
+  dec = decor.decompose(token_matrix(full))
   key = jax.random.key(0)  # the same noise in every row
   rows = []
   for k in ks:
     embeds = np.repeat(np.asarray(decor.reconstruct(dec, k)), n, axis=0)
+    if isinstance(full, dict):
+      embeds = {**{name: np.repeat(np.asarray(v), n, axis=0) for name, v in full.items()},
+                'context': embeds}
     rows.append(np.asarray(pipeline.text_to_image(pipe, [prompt] * n, key, num_steps=num_steps,
                                                   guidance=guidance.CFG(guidance_scale),
                                                   prompt_embeds=embeds)))
@@ -128,10 +141,12 @@ def main(argv):
   with run.timed('analysis'):
     rows, tokens = analyse(pipe, prompts)
   name = 'digits model' if not _PIPELINE.value else os.path.basename(os.path.normpath(folder))
+  width = sum(enc.config.hidden_size for enc in (pipe.text_encoder, pipe.text_encoder_2)
+              if enc is not None)  # SDXL: both encoders' hidden states side by side
   run.save_figure('components.png', figure(
       rows, tokens[0], _TOP.value,
       f'Component analysis of the {name} text encoder outputs '
-      f'({rows[0]["energy"].size} components, width {pipe.text_encoder.config.hidden_size})'),
+      f'({rows[0]["energy"].size} components, width {width})'),
       dpi=120)
   metrics = {
       'mean_first_component_energy': float(np.mean([r['energy'][0] for r in rows])),

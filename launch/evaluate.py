@@ -104,6 +104,7 @@ def main(argv):
   logging.info('pipeline %s, classifier %s', pipeline_dir, classifier_dir)
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(pipeline_dir))
+    digits.require_pipeline(pipe, 'launch/evaluate.py')
     local_classifier = paths.local_folder(classifier_dir, 'config.classifier_dir')
     scorer = metrics.Scorer.load(local_classifier, config.classifier_batch_size)
 

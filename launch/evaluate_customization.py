@@ -160,6 +160,7 @@ def main(argv):
   run = runs.start(config, workdir / 'evaluation')  # train_lora's own files stay as they are
   with run.timed('load'):
     pipe = models.load_pipeline(digits.pipeline_dir(config.pipeline_dir))
+    digits.require_pipeline(pipe, 'launch/evaluate_customization.py')
     scorer = metrics.Scorer.load(digits.classifier_dir(config.classifier_dir))
     lp = lora.load(paths.local_folder(workdir / 'lora', 'the LoRA folder'), pipe.unet_params)
   reference = dataset.DIGIT_WORDS.index(d.reference_digit)

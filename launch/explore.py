@@ -21,6 +21,10 @@ values), `frequency.png` (low-frequency fraction and radial PSD vs t), `geodesic
 (tangent-space distances vs t) and `bases.npz` (singular values, bases, trajectories); a local
 folder or gs://bucket/path.
 
+Any diffusers folder: SD (bases in the VAE's latent space), SDXL (the UNet conditioned on the
+prompt's pooled embedding and the time ids of the sampled size, CFG against zeros as diffusers
+without a negative prompt), the digits model (the only one with the classifier check of (c)).
+
 Multi-host (--jax_distributed): every process runs the whole binary; the per-sample work (the
 trajectories, the bases, the edits) is split over every process's devices
 (`distributed.data_parallel`), each process gets the whole result, and process 0 writes.
@@ -42,7 +46,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
 
 from diffgeo_jax import digits, distributed, models, paths, runs  # noqa: E402
-from diffgeo_jax.diffusion import guidance, pipeline, samplers, schedules  # noqa: E402
+from diffgeo_jax.diffusion import (  # noqa: E402
+    conditioning, guidance, pipeline, samplers, schedules)
 from diffgeo_jax.digits import dataset, metrics  # noqa: E402
 from diffgeo_jax.geometry import editing, grassmann, pullback, spectra  # noqa: E402
 from diffgeo_jax.images import grid  # noqa: E402
@@ -144,8 +149,11 @@ def main(argv):
   params = {'unet': pipe.unet_params, 'vae': pipe.vae_params}
   # Host copies, identical on every process (rule 2 of `distributed`).
   noise = np.stack([np.asarray(jax.random.normal(jax.random.key(sd), shape)) for _, sd in samples])
-  cond, uncond = distributed.to_host((pipeline.encode_prompts(pipe, [p for p, _ in samples]),
-                                      pipeline.encode_prompts(pipe, [''] * n)))
+  # The UNet's conditioning at the sampled size (SDXL: a dict with the size/crop time ids); the
+  # unconditional one as `pipeline.text_to_image` without a negative prompt (SDXL: zeros).
+  cond, uncond = distributed.to_host((
+      conditioning.of_prompts(pipe, [p for p, _ in samples], (h, w)),
+      conditioning.unconditional(pipe, n, (h, w))))
 
   with run.timed('trajectories'):
     x0, traj_x = trajectories_fn(pipe, s, config, mesh)(noise, cond, uncond, params)

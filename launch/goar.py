@@ -108,6 +108,7 @@ def digits_task(config) -> Task:
   apply = lambda p, x: model.apply({'params': p}, x)
   rmodel = retrain.MLP(hidden=tuple(config.retrain.hidden), num_classes=10)
   pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
+  digits.require_pipeline(pipe, 'launch/goar.py')
   g = config.goar
 
   def project(x, level):

@@ -10,6 +10,10 @@ seed), `samples.npz` (images (N, H, W, C) in [0, 1], and each image's prompt and
 `results.json` (metrics: timings, image count and size). Multi-host (--jax_distributed): every
 process runs the same batches, each sharded over all devices; process 0 writes.
 
+Any diffusers folder the pipeline loads: SD 1.x/2.x, SDXL (conditioned with the time ids of the
+sampled size; with no negative prompt the unconditional embedding is zeros, as diffusers), the
+digits model.
+
 The seed fixes an image's initial noise, so an image depends only on its prompt, its seed and the
 settings, not on which batch it ran in (the step noise of stochastic samplers does depend on the
 batch). Timing: the first batch runs once untimed to compile (`compile_s` is that call's time
@@ -78,7 +82,9 @@ def main(argv):
         pipe, [p for p, _ in jobs], jnp.concatenate([noise[s] for _, s in jobs]),
         jax.random.key(0), batch_size, num_steps=config.num_steps,
         guidance=guidance.CFG(config.guidance_scale, config.guidance_rescale),
-        negative_prompts=config.negative_prompt, sampler=config.sampler, eta=config.eta,
+        # '' = no negative prompt: the pipeline's unconditional embedding (SDXL: zeros, as
+        # diffusers' force_zeros_for_empty_prompt; SD: the empty prompt's, the same as '')
+        negative_prompts=config.negative_prompt or None, sampler=config.sampler, eta=config.eta,
         height=height, width=width)
 
   per_row = config.prompts_per_row if len(prompts) % max(config.prompts_per_row, 1) == 0 else 1

@@ -179,7 +179,8 @@ def main(argv):
     with run.folder('lora') as out:
       lora.save(out, lp)
   scores = {}
-  if isinstance(job.detector, DigitsDetector):  # the evaluation is the digits world's
+  # The evaluation is the digits world's; eval.concept_samples=0 skips it.
+  if isinstance(job.detector, DigitsDetector) and config.eval.concept_samples > 0:
     with run.timed('evaluation'):
       scores = evaluate(job, lora.merge(job.pipe.unet_params, lp), config)
   run.finish({**scores, 'training': result, 'learning_rate': job.learning_rate,

@@ -22,6 +22,11 @@ Steps (as diffusers' `examples/dreambooth/train_dreambooth_lora.py`):
    embeddings away from `decor.undesired`'s row space (top `decor.rank`) before the UNet sees them
    (DECOR at fine-tuning; the class prompts are not projected).
 
+SDXL folders: the conditioning is SDXL's (both encoders, the pooled embedding, the time ids of the
+references' size, no crop); DECOR projects each encoder's part of the token embeddings off that
+encoder's embeddings of `decor.undesired`, and the pooled embedding off the undesired texts' pooled
+embeddings (`pipeline.decor_prompts`).
+
 Writes to --workdir (local or gs://): `config.json`, `references.png`, `checkpoints/`,
 `tensorboard/`, `lora/` (`pytorch_lora_weights.safetensors`, loadable by diffusers) and
 `results.json`. `data.images` and `pipeline_dir` may be on gs:// too. Multi-host: every process
@@ -34,6 +39,7 @@ experiment's evaluation (content leakage vs colour, DECOR at sampling time) is
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,7 +48,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from diffgeo_jax import digits, distributed, images as images_lib, models, paths, runs
-from diffgeo_jax.diffusion import guidance, pipeline, schedules
+from diffgeo_jax.diffusion import conditioning, guidance, pipeline, schedules
 from diffgeo_jax.digits import dataset
 from diffgeo_jax.text import decor
 from diffgeo_jax.training import dreambooth, lora, precision, trainer
@@ -102,7 +108,8 @@ def reference_images(pipe, config) -> np.ndarray:
   d = config.data
   if not d.images and not d.reference_digit:
     raise ValueError('data.images must name the reference images (a .npz or a folder of '
-                     'images); only the digits world has built-in references (data.reference_digit)')
+                     'images); only the digits world has built-in references '
+                     '(data.reference_digit)')
   x = read_images(d.images) if d.images else digits_references(d)
   size = pipeline.default_image_size(pipe)
   if x.shape[1:3] != size:
@@ -143,16 +150,21 @@ def class_images(pipe, config, run: runs.Run | None) -> dict[str, np.ndarray]:
   return out
 
 
-def instance_context(pipe, config) -> np.ndarray:
-  """(1, L, D) the instance prompt's embeddings, DECOR-projected when decor.train_strength > 0."""
+def instance_context(pipe, config) -> Any:
+  """The UNet's conditioning of the instance prompt, a batch of one at the pipeline's image size
+  (SD: (1, L, D); SDXL: the dict with the pooled embedding and the time ids), DECOR-projected when
+  decor.train_strength > 0 (SDXL: each encoder's token embeddings and the pooled embedding,
+  `pipeline.decor_prompts`)."""
   c = config.decor
   prompts = [config.data.instance_prompt]
   if not c.train_strength:
-    return np.asarray(pipeline.encode_prompts(pipe, prompts))
-  if not c.undesired:
-    raise ValueError('decor.train_strength > 0 needs decor.undesired (the text to project out)')
-  settings = decor.Settings(c.undesired, c.train_strength, c.rank or None)
-  return np.asarray(pipeline.decor_prompts(pipe, prompts, settings))
+    embeds = pipeline.encode_prompts(pipe, prompts)
+  else:
+    if not c.undesired:
+      raise ValueError('decor.train_strength > 0 needs decor.undesired (the text to project out)')
+    settings = decor.Settings(c.undesired, c.train_strength, c.rank or None)
+    embeds = pipeline.decor_prompts(pipe, prompts, settings)
+  return conditioning.to_numpy(conditioning.at_size(pipe, embeds))
 
 
 class Job:
@@ -166,14 +178,15 @@ class Job:
     key = jax.random.key(config.data.seed)
     # One VAE posterior sample per image for a latent pipeline (2x - 1 in pixel space).
     self.x_instance = np.asarray(pipeline.encode_images(self.pipe, self.references, key))
-    self.c_instance = instance_context(self.pipe, config)[0]
+    # One sample's conditioning (SD: (L, D); SDXL: a dict of per-sample leaves).
+    self.c_instance = conditioning.rows(instance_context(self.pipe, config), 0)
     self.prior = config.prior.weight > 0
     if self.prior:
       cls = class_images(self.pipe, config, run)
       self.x_class = np.asarray(pipeline.encode_images(self.pipe, cls['images'],
                                                        jax.random.fold_in(key, 1)))
-      self.c_class = np.asarray(pipeline.encode_prompts(self.pipe,
-                                                        [str(p) for p in cls['prompts']]))
+      self.c_class = conditioning.to_numpy(conditioning.of_prompts(
+          self.pipe, [str(p) for p in cls['prompts']]))
 
   def objective(self) -> dreambooth.Objective:
     """The training objective: the UNet with the run's `model.dtype` and `model.remat`."""
@@ -189,15 +202,17 @@ class Job:
     rng = np.random.default_rng([c.seed, step])
     idx = rng.integers(0, len(self.x_instance), rows)
     x = self.x_instance[idx]
-    ctx = np.broadcast_to(self.c_instance, (rows,) + self.c_instance.shape)
+    ctx = conditioning.broadcast(self.c_instance, rows)
     instance = np.ones(rows, np.float32)
     if self.prior:  # as DreamBooth: the batch is half instance, half class rows
       n_cls = rows // 2
       j = rng.integers(0, len(self.x_class), n_cls)
       x = np.concatenate([x[:rows - n_cls], self.x_class[j]])
-      ctx = np.concatenate([ctx[:rows - n_cls], self.c_class[j]])
+      ctx = conditioning.concatenate([conditioning.rows(ctx, slice(0, rows - n_cls)),
+                                      conditioning.rows(self.c_class, j)])
       instance = np.concatenate([instance[:rows - n_cls], np.zeros(n_cls, np.float32)])
-    return {'x': x.astype(np.float32), 'context': np.ascontiguousarray(ctx, np.float32),
+    return {'x': x.astype(np.float32),
+            'context': jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), ctx),
             'instance': instance}
 
 

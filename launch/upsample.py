@@ -13,12 +13,18 @@ to the model's resolution, with the digits classifier:
 * no_time, no_power   guided without the time adjustment (tau = t) or the power adjustment
            (P_t = 1): the paper's ablations.
 
+Any other pipeline folder (SD, SDXL; `config.prompts` names the prompts, `config.eta` is the
+guided fraction of the trajectory, the paper's 0.6 for latent models): the same variants from the
+same x_T (latent pipelines: in the latent space, images decoded by the VAE), without the digits
+classifier (no accuracies; the difference to native remains). SDXL is conditioned with the time
+ids of the size sampled.
+
 Writes to --workdir (a local folder or gs://bucket/path): `config.json`; `results.json` (metrics,
-per variant: digit, colour and joint accuracy of the downsampled samples, the mean absolute
-difference of D(sample) to the native sample from the same noise, seconds of its one jitted call
-including compilation); `comparison.png` (rows: prompts; columns: the variants, native ones
-enlarged by pixel repetition); `accuracy.png` (bar chart); `samples.npz`. Multi-host
-(--jax_distributed): every process samples the same batches, each sharded over every device
+per variant: digit, colour and joint accuracy of the downsampled samples (digits model only), the
+mean absolute difference of D(sample) to the native sample from the same noise, seconds of its
+one jitted call including compilation); `comparison.png` (rows: prompts; columns: the variants,
+native ones enlarged by pixel repetition); `accuracy.png` (bar chart, digits model only);
+`samples.npz`. Multi-host (--jax_distributed): every process samples the same batches, each sharded over every device
 (`pipeline.text_to_image`), and scores the gathered images; process 0 writes.
 """
 
@@ -58,10 +64,17 @@ def variant_guidance(name: str, config) -> guidance.Guidance:
       inner=cfg)
 
 
-def prompts_of(config) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """Texts (digit-major, `samples_per_prompt` each) and their digits and colour indices."""
-  if not config.digits or not config.colours or config.samples_per_prompt < 1:
-    raise ValueError('config.digits, config.colours and config.samples_per_prompt >= 1 are needed')
+def prompts_of(config) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+  """Texts (`samples_per_prompt` each) and, for the digits grid, their digits and colour indices:
+  `config.prompts` when it names any (digits and colours None), else every "a <colour> digit
+  <d>" of `config.digits` x `config.colours`, digit-major."""
+  if config.samples_per_prompt < 1:
+    raise ValueError(f'config.samples_per_prompt must be >= 1, got {config.samples_per_prompt}')
+  if config.get('prompts'):
+    return ([str(p) for p in config.prompts for _ in range(config.samples_per_prompt)], None,
+            None)
+  if not config.digits or not config.colours:
+    raise ValueError('config.digits and config.colours (or config.prompts) are needed')
   jobs = [(dataset.caption(int(d), c), int(d), dataset.COLOURS.index(c))
           for d in config.digits for c in config.colours for _ in range(config.samples_per_prompt)]
   for text, _, _ in jobs:
@@ -80,7 +93,8 @@ def sample(pipe, config, name: str, texts, noise_high) -> tuple[np.ndarray, floa
     noise = m * resolution.avg_pool(noise_high, m)  # D x_T has variance 1/m^2
   else:
     noise = noise_high
-    kw.update(height=noise.shape[1], width=noise.shape[2])
+    f = pipeline.latent_factor(pipe)
+    kw.update(height=noise.shape[1] * f, width=noise.shape[2] * f)
   start = time.perf_counter()
   images = np.asarray(pipeline.text_to_image(pipe, texts, jax.random.key(config.seed),
                                              latents=noise, **kw))
@@ -117,15 +131,20 @@ def main(argv):
   texts, want_digits, want_colours = prompts_of(config)
   with run.timed('load'):
     pipe = pipeline.replicate(models.load_pipeline(digits.pipeline_dir(config.pipeline_dir)))
+  is_digits = pipe.class_name == digits.PIPELINE_CLASS
+  if not is_digits and want_digits is not None:
+    raise ValueError(f'{config.pipeline_dir} is not the digits model: name its prompts in '
+                     'config.prompts (the digit captions are the digits model\'s)')
+  for text in texts if is_digits else ():
+    dataset.check_prompt(text)
+  scorer = None
+  if is_digits and want_digits is not None:  # the digits classifier reads the digits grid only
     scorer = metrics.Scorer.load(paths.local_folder(
         digits.classifier_dir(config.classifier_dir), 'config.classifier_dir'))
-  if pipe.vae is not None:
-    raise ValueError('launch/upsample.py scores with the digits classifier: it needs a pixel-space '
-                     'digits pipeline (config.pipeline_dir)')
-  m = int(config.factor)
+  m, f = int(config.factor), pipeline.latent_factor(pipe)
   h, w = pipeline.default_image_size(pipe)
-  noise_high = jax.random.normal(jax.random.key(config.seed),
-                                 (len(texts), h * m, w * m, pipe.unet.config.in_channels))
+  noise_high = jax.random.normal(jax.random.key(config.seed), (
+      len(texts), h // f * m, w // f * m, pipe.unet.config.in_channels))
 
   images, results = {}, {}
   for name in names:
@@ -134,15 +153,16 @@ def main(argv):
       images[name], seconds = sample(pipe, config, name, texts, noise_high)
     low = images[name] if name == 'native' else np.asarray(
         resolution.avg_pool(jnp.asarray(images[name]), m))
-    x = low * 2.0 - 1.0  # the classifier reads [-1, 1]
-    pred = scorer.predict(x)
-    colour = classifier.colour_index(x)
-    results[name] = {
-        'digit_accuracy': float(np.mean(pred == want_digits)),
-        'colour_accuracy': float(np.mean(colour == want_colours)),
-        'joint_accuracy': float(np.mean((pred == want_digits) & (colour == want_colours))),
-        'sampling_s': seconds,
-    }
+    results[name] = {'sampling_s': seconds}
+    if scorer is not None:
+      x = low * 2.0 - 1.0  # the classifier reads [-1, 1]
+      pred = scorer.predict(x)
+      colour = classifier.colour_index(x)
+      results[name].update({
+          'digit_accuracy': float(np.mean(pred == want_digits)),
+          'colour_accuracy': float(np.mean(colour == want_colours)),
+          'joint_accuracy': float(np.mean((pred == want_digits) & (colour == want_colours))),
+      })
     if 'native' in images and name != 'native':
       results[name]['mean_abs_diff_to_native'] = float(np.mean(np.abs(low - images['native'])))
     if name != 'native':
@@ -150,15 +170,20 @@ def main(argv):
       results[name]['guidance'] = None if ug is None else dataclasses.asdict(ug)
     logging.info('%s: %s', name, results[name])
 
-  rows = [i * config.samples_per_prompt * len(config.colours)
-          + (i % len(config.colours)) * config.samples_per_prompt
-          for i in range(min(config.grid_prompts, len(config.digits)))]
+  if want_digits is not None:  # digit d in colour d mod |colours|, first sample
+    rows = [i * config.samples_per_prompt * len(config.colours)
+            + (i % len(config.colours)) * config.samples_per_prompt
+            for i in range(min(config.grid_prompts, len(config.digits)))]
+  else:  # the first sample of each of the first grid_prompts prompts
+    rows = [i * config.samples_per_prompt
+            for i in range(min(config.grid_prompts, len(config.prompts)))]
   cols = [images[n][rows] if n != 'native' else
           np.asarray(resolution.nearest_upsample(jnp.asarray(images[n][rows]), m))
           for n in names]
   run.save_image('comparison.png', grid(np.stack(cols, 1).reshape(-1, *cols[0].shape[1:]),
                                         len(rows), len(names), config.grid_scale))
-  run.save_figure('accuracy.png', plot_accuracy(results))
+  if scorer is not None:
+    run.save_figure('accuracy.png', plot_accuracy(results))
   run.save_npz('samples.npz', prompts=np.array(texts), **images)
   run.finish({'variants': results, 'num_images_per_variant': len(texts),
               'resolution': [h * m, w * m], 'model_resolution': [h, w],

@@ -30,6 +30,56 @@ def diffusers_pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def diffusers_sdxl_pipeline_dir(tmp_path_factory):
+  """A tiny StableDiffusionXLPipeline folder written by diffusers (random weights): two CLIP
+  encoders (the second with projection) whose 24 + 24 hidden features are the UNet's context,
+  the second tokenizer padding with '!' as SDXL's does, SDXL's Euler scheduler settings."""
+  import copy
+
+  import torch
+  from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+  from transformers import CLIPTokenizer
+
+  from tests.models import oracles
+  path = tmp_path_factory.mktemp('sdxl')
+  oracles.write_tiny_clip_tokenizer(str(path / 'tok'))
+  torch.manual_seed(0)
+  unet = oracles.randomize_(UNet2DConditionModel(**{**oracles.UNET_CONFIGS['sdxl'],
+                                                    'cross_attention_dim': 48}), seed=4)
+  scheduler = EulerDiscreteScheduler(beta_schedule='scaled_linear', beta_start=0.00085,
+                                     beta_end=0.012, steps_offset=1, timestep_spacing='leading')
+  pipe = StableDiffusionXLPipeline(
+      vae=oracles.torch_vae(), text_encoder=oracles.torch_clip(),
+      # other weights than the first encoder's, so that swapping the two cannot go unnoticed
+      text_encoder_2=oracles.randomize_(copy.deepcopy(oracles.torch_clip(True)), seed=5),
+      tokenizer=CLIPTokenizer.from_pretrained(path / 'tok'),
+      tokenizer_2=CLIPTokenizer.from_pretrained(path / 'tok', pad_token='!'), unet=unet,
+      scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+  pipe.save_pretrained(path / 'sdxl')
+  return path / 'sdxl'
+
+
+@pytest.fixture(scope='session')
+def diffusers_sd2_pipeline_dir(tmp_path_factory):
+  """A tiny SD-2.x-style StableDiffusionPipeline folder (linear projections, per-block heads,
+  upcast attention) whose scheduler predicts v (prediction_type='v_prediction')."""
+  from diffusers import DDPMScheduler, StableDiffusionPipeline
+  from transformers import CLIPTokenizer
+
+  from tests.models import oracles
+  path = tmp_path_factory.mktemp('sd2')
+  oracles.write_tiny_clip_tokenizer(str(path / 'tok'))
+  pipe = StableDiffusionPipeline(
+      vae=oracles.torch_vae(), text_encoder=oracles.torch_clip(), unet=oracles.torch_unet('sd2'),
+      tokenizer=CLIPTokenizer.from_pretrained(path / 'tok'),
+      scheduler=DDPMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
+                              prediction_type='v_prediction', steps_offset=1),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.save_pretrained(path / 'sd2')
+  return path / 'sd2'
+
+
+@pytest.fixture(scope='session')
 def tiny_digits_pipeline_dir(tmp_path_factory):
   """A digits pipeline folder exactly as launch/train_t2i.py exports it, with the 'tiny' config's
   random initial weights (no training)."""

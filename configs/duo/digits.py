@@ -68,6 +68,7 @@ def get_config(arg=None):
   # learning_rate is set from duo.* (lr = base_lr * 100 / beta)
   config.train = common.lora_train(num_steps=1000, learning_rate=0.0, log_every=50,
                                    checkpoint_every=250)
+  # concept_samples=0 skips the digits evaluation (e.g. when evaluate_unlearning.py follows).
   config.eval = ml_collections.ConfigDict(dict(
       concept_samples=50, samples_per_digit=10, num_steps=30, guidance_scale=1.5, seed=0))
   if 'tiny' in args:

@@ -22,7 +22,9 @@ def get_config(arg=None):
   config.prompts = tuple(dataset.caption(d, c) for d in range(10)
                          for c in range(len(dataset.COLOURS)))
   config.seeds = (0, 1, 2, 3)  # one grid column per seed; the seed fixes the initial noise
-  config.negative_prompt = ''  # the unconditional prompt of classifier-free guidance
+  # The unconditional prompt of classifier-free guidance; '' = none: the pipeline's unconditional
+  # embedding (the empty prompt's; SDXL: zeros, diffusers' force_zeros_for_empty_prompt).
+  config.negative_prompt = ''
   config.sampler = 'ddim'  # ddim, ddpm, euler, dpmpp_2m
   config.num_steps = 50
   config.guidance_scale = 1.5  # the digits model's default (README: the trade-off); SD's is 7.5

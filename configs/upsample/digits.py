@@ -5,6 +5,13 @@ r"""Upsample guidance on the digits model: sample at twice its training resoluti
 The digits model is trained at 16x16; this samples 32x32 (factor 2) every way in `variants` from
 the same initial noise, and reads each 2x-downsampled sample with the digits classifier.
 `get_config('quick')` is the smoke-test setting (2 steps, one prompt per digit).
+
+Another pipeline folder (SD, SDXL; no classifier, no accuracies):
+
+    python launch/upsample.py --config=configs/upsample/digits.py \
+      --config.pipeline_dir=/ckpt/stable-diffusion-xl-base-1.0 \
+      --config.prompts="('a photo of a cat',)" --config.eta=0.6 --config.guidance_scale=5.0 \
+      --config.variants="('native', 'plain', 'guided')" --workdir=/tmp/upsample_sdxl
 """
 
 import ml_collections
@@ -17,6 +24,9 @@ def get_config(arg=None):
   config.pipeline_dir = ''  # a digits pipeline folder; '' = the shipped one
   config.classifier_dir = ''  # '' = the shipped classifier
   config.factor = 2  # sample at factor x the model's resolution
+  # Another pipeline (SD, SDXL): its prompts here ('' / () = the digits grid below, digits model
+  # only); eta 0.6 is the paper's setting for latent models.
+  config.prompts = ()
   config.digits = tuple(range(10))
   config.colours = dataset.COLOURS
   config.samples_per_prompt = 2  # 100 images per variant

@@ -8,6 +8,8 @@
   `Guidance` protocol); `chromatography`: resolution chromatography, prompt switching
   (`PromptSwitch`), cascades.
 - `pipeline`: text-to-image / image-to-image over a loaded `models.Pipeline`.
+- `conditioning`: the UNet's conditioning of prompts at an image size (SDXL: with its time ids),
+  for code that calls the UNet itself (explore, the LoRA and DUO batches); above `pipeline`.
 
 Nothing here imports `training`, `geometry`, `unlearning`, `digits` or the binaries; only
 `pipeline` imports `models`, `text` and `distributed` (the shared mesh), and `schedules` the

@@ -91,12 +91,15 @@ def switch_time(s: NoiseSchedule, factor, level: float = 0.5, rule: str = 'half'
 
 
 def _select(t, switch, early, late):
-  """early where t > switch, late elsewhere; t scalar or (B,) against contexts (B, ...)."""
-  t = jnp.asarray(t, jnp.float32)
-  on = t > switch
-  if on.ndim == 1:
-    on = on.reshape(on.shape + (1,) * (early.ndim - 1))
-  return jnp.where(on, early, late)
+  """early where t > switch, late elsewhere; t scalar or (B,) against contexts (B, ...) (or
+  pytrees of them, e.g. SDXL's dict with the pooled embedding and time ids)."""
+  on = jnp.asarray(t, jnp.float32) > switch
+
+  def pick(e, l):
+    o = on.reshape(on.shape + (1,) * (e.ndim - 1)) if on.ndim == 1 else on
+    return jnp.where(o, e, l)
+
+  return jax.tree.map(pick, early, late)
 
 
 def prompt_switch_eps_fn(model_fn: ModelFn, context_early: jax.Array, context_late: jax.Array,
@@ -106,9 +109,10 @@ def prompt_switch_eps_fn(model_fn: ModelFn, context_early: jax.Array, context_la
   coarse resolutions) and on `context_late` for t <= switch: one model call per step, the context
   being picked by `jnp.where` on t (scalar or (B,)). With `uncond`, classifier-free guidance
   (`guidance.classifier_free`, still one batched call) on the switched context."""
-  if context_early.shape != context_late.shape:
+  shapes = lambda c: jax.tree.map(jnp.shape, c)
+  if shapes(context_early) != shapes(context_late):
     raise ValueError(f'context_early and context_late must have the same shape, got '
-                     f'{context_early.shape} and {context_late.shape}')
+                     f'{shapes(context_early)} and {shapes(context_late)}')
   if is_concrete(switch) and not np.all(np.isfinite(np.asarray(switch, np.float64))):
     raise ValueError(f'switch must be a finite timestep, got {switch!r}')
   if uncond is None:

@@ -209,15 +209,17 @@ def upsample_cfg_eps_fn(model_fn: ModelFn, s, cond: jax.Array, uncond: jax.Array
                      f"classifier-free guidance), got {order!r}")
   _check_range(weight, 'weight', 0.0)
   _check_range(eta, 'eta', 0.0, 1.0)
-  if cond.shape != uncond.shape:
-    raise ValueError(f'cond and uncond must have the same shape, got {cond.shape} and '
-                     f'{uncond.shape}')
-  ctx = _pair(uncond, cond)
+  shapes = lambda c: jax.tree.map(jnp.shape, c)
+  if shapes(cond) != shapes(uncond):
+    raise ValueError(f'cond and uncond must have the same shape, got {shapes(cond)} and '
+                     f'{shapes(uncond)}')
+  ctx = jax.tree.map(_pair, uncond, cond)
 
   def eps_fn(x, t):
     batch = x.shape[0]
-    if cond.shape[0] != batch:
-      raise ValueError(f'cond must have batch size {batch} (that of x), got shape {cond.shape}')
+    if any(leaf.shape[0] != batch for leaf in jax.tree.leaves(cond)):
+      raise ValueError(f'cond must have batch size {batch} (that of x), got shape(s) '
+                       f'{shapes(cond)}')
     paired = lambda xx, tt: model_fn(xx, tt, ctx)
     out = upsample(paired, _pair(x, x), _duplicate_t(t, batch), s, factor, weight, eta=eta,
                    time_adjustment=time_adjustment, power_adjustment=power_adjustment)

@@ -82,10 +82,31 @@ def _negative_list(negative_prompts, n: int, name: str = 'negative_prompts') -> 
   return negs
 
 
+def is_sdxl(pipe) -> bool:
+  """An SDXL-style pipeline: its UNet takes added conditioning (`addition_embed_type='text_time'`:
+  the second encoder's pooled text embedding and the size/crop time ids)."""
+  return pipe.unet.config.addition_embed_type == 'text_time'
+
+
 def _check_supported(pipe) -> None:
-  if pipe.text_encoder_2 is not None or pipe.unet.config.addition_embed_type is not None:
-    raise NotImplementedError('SDXL-style pipelines (text_encoder_2, added time ids) are not '
-                              'supported by diffusion.pipeline yet')
+  if is_sdxl(pipe):
+    missing = [n for n in ('text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
+               if getattr(pipe, n) is None]
+    if missing:
+      raise ValueError(f'an SDXL pipeline needs both text encoders and tokenizers; this one has no '
+                       f'{", ".join(missing)} (an SDXL refiner, which has one encoder and '
+                       'aesthetic-score time ids, is not supported)')
+    want = (pipe.unet.config.addition_time_embed_dim * len(_TIME_ID_NAMES)
+            + pipe.text_encoder_2.config.projection_dim)
+    if want != pipe.unet.config.projection_class_embeddings_input_dim:
+      raise ValueError(f'the UNet expects projection_class_embeddings_input_dim='
+                       f'{pipe.unet.config.projection_class_embeddings_input_dim} added features; '
+                       f'6 time ids x addition_time_embed_dim '
+                       f'{pipe.unet.config.addition_time_embed_dim} + text_encoder_2 projection_dim '
+                       f'{pipe.text_encoder_2.config.projection_dim} give {want}')
+  elif pipe.text_encoder_2 is not None:
+    raise ValueError('the pipeline has a text_encoder_2 but its UNet takes no added conditioning '
+                     '(addition_embed_type is not text_time): not a pipeline this library knows')
 
 
 def latent_factor(pipe) -> int:
@@ -105,48 +126,107 @@ def default_image_size(pipe) -> tuple[int, int]:
 
 # -- text ------------------------------------------------------------------------------------------
 
+def _token_limit(tokenizer, text_encoder) -> int:
+  return int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
+
+
 def max_prompt_tokens(pipe) -> int:
   """Token sequence length: the tokenizer's model_max_length capped by the text encoder's
-  position table (a tokenizer saved without a limit reports a huge model_max_length)."""
-  return int(min(pipe.tokenizer.model_max_length,
-                 pipe.text_encoder.config.max_position_embeddings))
+  position table (a tokenizer saved without a limit reports a huge model_max_length). SDXL's two
+  tokenizers must agree (both 77 in SDXL)."""
+  limits = {_token_limit(tok, enc) for tok, enc, _ in _encoders(pipe)}
+  if len(limits) != 1:
+    raise ValueError(f'the two tokenizers / text encoders allow different prompt lengths '
+                     f'{sorted(limits)}; SDXL concatenates their hidden states token by token')
+  return limits.pop()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _text_hidden(text_encoder, params, ids):
-  return text_encoder.apply({'params': params}, ids, output_hidden_states=False).last_hidden_state
+def _encoders(pipe) -> list[tuple[Any, Any, Any]]:
+  """(tokenizer, text encoder, its params) for each encoder a prompt goes through."""
+  parts = [(pipe.tokenizer, pipe.text_encoder, pipe.text_encoder_params)]
+  if is_sdxl(pipe):
+    parts.append((pipe.tokenizer_2, pipe.text_encoder_2, pipe.text_encoder_2_params))
+  return parts
 
 
-def _prompt_embeds(pipe, prompts: list[str], prompt_embeds=None) -> jax.Array:
-  """`encode_prompts(prompts)`, or the given `prompt_embeds` checked against it."""
+@functools.partial(jax.jit, static_argnames=('text_encoder', 'penultimate'))
+def _text_outputs(text_encoder, params, ids, penultimate: bool):
+  """(hidden states (B, L, D), text_embeds (B, P) or None): the last layer's (normed) states,
+  or with `penultimate` the states before the last layer (SDXL's choice, not normed)."""
+  out = text_encoder.apply({'params': params}, ids, output_hidden_states=penultimate)
+  return (out.hidden_states[-2] if penultimate else out.last_hidden_state), out.text_embeds
+
+
+def _embeds_shapes(pipe, batch: int) -> Any:
+  """The shape(s) of `encode_prompts` for `batch` prompts."""
+  widths = [enc.config.hidden_size for _, enc, _ in _encoders(pipe)]
+  context = (batch, max_prompt_tokens(pipe), sum(widths))
+  if not is_sdxl(pipe):
+    return context
+  return {'context': context, 'text_embeds': (batch, pipe.text_encoder_2.config.projection_dim)}
+
+
+def _prompt_embeds(pipe, prompts: list[str], prompt_embeds=None) -> Any:
+  """`encode_prompts(prompts)`, or the given `prompt_embeds` checked against its shapes."""
   if prompt_embeds is None:
     return encode_prompts(pipe, prompts)
-  cond = jnp.asarray(prompt_embeds, jnp.float32)
-  want = (len(prompts), max_prompt_tokens(pipe), pipe.text_encoder.config.hidden_size)
-  if cond.shape != want:
+  want = _embeds_shapes(pipe, len(prompts))
+  if is_sdxl(pipe):
+    if not isinstance(prompt_embeds, dict) or set(prompt_embeds) != set(want):
+      raise ValueError(f"prompt_embeds of an SDXL pipeline must be a dict with 'context' "
+                       f"{want['context']} and 'text_embeds' {want['text_embeds']} (what "
+                       f"encode_prompts returns), got {type(prompt_embeds).__name__}"
+                       f"{' with keys ' + str(sorted(prompt_embeds)) if isinstance(prompt_embeds, dict) else ''}")
+    got = {k: jnp.asarray(v, jnp.float32) for k, v in prompt_embeds.items()}
+    bad = {k: got[k].shape for k in want if got[k].shape != want[k]}
+  else:
+    got = jnp.asarray(prompt_embeds, jnp.float32)
+    bad = got.shape if got.shape != want else None
+  if bad:
     raise ValueError(f'prompt_embeds must have shape {want} (one (tokens, width) matrix per '
-                     f'prompt), got {cond.shape}')
-  return cond
+                     f'prompt), got {bad}')
+  return got
 
 
 def decor_prompts(pipe, prompts, settings: decor_lib.Settings,
-                  prompt_embeds=None) -> jax.Array:
+                  prompt_embeds=None) -> Any:
   """DECOR (arXiv 2412.09169) at sampling time, a prompt-embedding transform: `encode_prompts`
   (or the given `prompt_embeds`) projected off the subspace of `settings`' texts. Pass the result
-  as `text_to_image(..., prompt_embeds=...)`."""
+  as `text_to_image(..., prompt_embeds=...)`.
+
+  SDXL: each encoder's part of the token embeddings (the first encoder's 768 columns, the
+  second's 1280) is projected off the same encoder's embeddings of the undesired texts (DECOR
+  per text-embedding space, as on SD), and the pooled `text_embeds` off the undesired texts'
+  pooled embeddings (else the global conditioning would keep the concept)."""
   prompts = _prompt_list(prompts, 'prompts')
   if not isinstance(settings, decor_lib.Settings):
     raise ValueError(f'settings must be a decor.Settings, got {type(settings).__name__}')
   cond = _prompt_embeds(pipe, prompts, prompt_embeds)
   texts, strength = settings.checked(len(prompts))
-  return decor_lib.project(cond, encode_prompts(pipe, texts), strength, settings.rank)
+  undesired = encode_prompts(pipe, texts)
+  if not is_sdxl(pipe):
+    return decor_lib.project(cond, undesired, strength, settings.rank)
+  project = lambda x, xu: decor_lib.project(x, xu, strength, settings.rank)
+  edges = np.cumsum([enc.config.hidden_size for _, enc, _ in _encoders(pipe)])[:-1]
+  split = lambda c: jnp.split(c, edges, axis=-1)
+  context = jnp.concatenate([project(a, b) for a, b in zip(split(cond['context']),
+                                                           split(undesired['context']))], -1)
+  pooled = project(cond['text_embeds'][:, None], undesired['text_embeds'][:, None])[:, 0]
+  return {'context': context, 'text_embeds': pooled}
 
 
-def encode_prompts(pipe, prompts) -> jax.Array:
-  """(B, L, D) text-encoder hidden states for `prompts`, padded to `max_prompt_tokens(pipe)`.
+def encode_prompts(pipe, prompts) -> Any:
+  """The text conditioning of `prompts`, padded to `max_prompt_tokens(pipe)` tokens.
 
-  A prompt longer than that is cut (BOS + the first L-2 tokens + EOS, as diffusers) with a warning
+  SD: the text encoder's last hidden states (B, L, D). SDXL (as diffusers'
+  StableDiffusionXLPipeline with clip_skip None): a dict with 'context' (B, L, D1 + D2), both
+  encoders' penultimate hidden states side by side, and 'text_embeds' (B, P), the second
+  encoder's projected pooled output. (The size/crop time ids depend on the image, not the prompt:
+  `add_time_ids`.)
+
+  A prompt longer than L is cut (BOS + the first L-2 tokens + EOS, as diffusers) with a warning
   that names it and how many tokens were dropped."""
+  _check_supported(pipe)
   prompts = _prompt_list(prompts, 'prompts')
   limit = max_prompt_tokens(pipe)
   lengths = [len(ids) for ids in pipe.tokenizer(prompts).input_ids]
@@ -154,9 +234,35 @@ def encode_prompts(pipe, prompts) -> jax.Array:
     if n > limit:
       warnings.warn(f'prompt {prompt!r} has {n} tokens, more than the text encoder\'s {limit}: '
                     f'the last {n - limit} tokens were dropped', stacklevel=2)
-  ids = pipe.tokenizer(prompts, padding='max_length', max_length=limit, truncation=True,
-                       return_tensors='np').input_ids
-  return _text_hidden(pipe.text_encoder, pipe.text_encoder_params, jnp.asarray(ids, jnp.int32))
+  sdxl = is_sdxl(pipe)
+  hidden, text_embeds = [], None
+  for tokenizer, encoder, params in _encoders(pipe):
+    ids = tokenizer(prompts, padding='max_length', max_length=limit, truncation=True,
+                    return_tensors='np').input_ids
+    h, text_embeds = _text_outputs(encoder, params, jnp.asarray(ids, jnp.int32), penultimate=sdxl)
+    hidden.append(h)
+  if not sdxl:
+    return hidden[0]
+  return {'context': jnp.concatenate(hidden, axis=-1), 'text_embeds': text_embeds}
+
+
+_TIME_ID_NAMES = ('original_height', 'original_width', 'crop_top', 'crop_left', 'target_height',
+                  'target_width')
+
+
+def add_time_ids(batch: int, height: int, width: int) -> jax.Array:
+  """SDXL's micro-conditioning (B, 6): original size, crop top-left, target size, with diffusers'
+  defaults (original = target = the generated size, no crop)."""
+  row = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
+  return jnp.broadcast_to(row, (batch, len(_TIME_ID_NAMES)))
+
+
+def _zero_negative(pipe, negative_prompts) -> bool:
+  """SDXL's `force_zeros_for_empty_prompt` (a pipeline setting, True unless the folder says
+  otherwise): with no negative prompt the unconditional embeddings are zeros, not the empty
+  prompt's encoding."""
+  return (negative_prompts is None and is_sdxl(pipe)
+          and bool(pipe.settings.get('force_zeros_for_empty_prompt', True)))
 
 
 # -- sharding --------------------------------------------------------------------------------------
@@ -182,7 +288,7 @@ def replicate(pipe):
   mesh = _mesh()
   if mesh is None:
     return pipe
-  names = ('unet_params', 'vae_params', 'text_encoder_params')
+  names = ('unet_params', 'vae_params', 'text_encoder_params', 'text_encoder_2_params')
   return dataclasses.replace(pipe, **{k: _replicate(mesh, getattr(pipe, k)) for k in names})
 
 
@@ -261,9 +367,10 @@ def _encode_images(vae, vae_params, images, key):
   return post.sample(key) * vae.config.scaling_factor
 
 
-def _contexts(pipe, prompts, guidance, negative_prompts, late_prompts,
-              prompt_embeds) -> guidance_lib.Contexts:
-  """Encodes the prompt sets `guidance` reads; refuses a prompt set it would not read."""
+def _contexts(pipe, prompts, guidance, negative_prompts, late_prompts, prompt_embeds,
+              size: tuple[int, int]) -> guidance_lib.Contexts:
+  """Encodes the prompt sets `guidance` reads; refuses a prompt set it would not read. SDXL:
+  each set is a dict with the added conditioning, the time ids of the image `size` included."""
   n = len(prompts)
   reads = guidance.reads()
   if late_prompts is not None and 'late' not in reads:
@@ -273,18 +380,25 @@ def _contexts(pipe, prompts, guidance, negative_prompts, late_prompts,
     raise ValueError(f'{type(guidance).__name__} switches to late_prompts: pass them (a str for '
                      'all, or one per prompt)')
   cond = _prompt_embeds(pipe, prompts, prompt_embeds)
-  uncond = (encode_prompts(pipe, _negative_list(negative_prompts, n))
-            if 'uncond' in reads else None)
-  late = (encode_prompts(pipe, _negative_list(late_prompts, n, 'late_prompts'))
-          if 'late' in reads else None)
+  uncond = late = None
+  if 'uncond' in reads:
+    uncond = (jax.tree.map(jnp.zeros_like, cond) if _zero_negative(pipe, negative_prompts)
+              else encode_prompts(pipe, _negative_list(negative_prompts, n)))
+  if 'late' in reads:
+    late = encode_prompts(pipe, _negative_list(late_prompts, n, 'late_prompts'))
+  if is_sdxl(pipe):
+    ids = add_time_ids(n, *size)
+    cond, uncond, late = (None if c is None else {**c, 'time_ids': ids}
+                          for c in (cond, uncond, late))
   return guidance_lib.Contexts(cond, uncond, late)
 
 
 def _run(pipe, prompts, x_start, key, *, guidance, negative_prompts, late_prompts, prompt_embeds,
-         settings: SamplerSettings):
+         settings: SamplerSettings, size: tuple[int, int]):
   """Encodes the prompts, places everything on the mesh, samples, decodes, unpads."""
   n = len(prompts)
-  contexts = _contexts(pipe, prompts, guidance, negative_prompts, late_prompts, prompt_embeds)
+  contexts = _contexts(pipe, prompts, guidance, negative_prompts, late_prompts, prompt_embeds,
+                       size)
   mesh = _mesh()
   batch = _shard_batch(mesh, {'x': x_start, 'contexts': contexts})
   unet_params, vae_params = _replicate(mesh, (pipe.unet_params, pipe.vae_params))
@@ -342,7 +456,7 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance=guidance_lib
     raise ValueError(f'latents must have shape {shape} (B, H/{f}, W/{f}, C), got {latents.shape}')
   return _run(pipe, prompts, jnp.asarray(latents, jnp.float32), key_steps, guidance=guidance,
               negative_prompts=negative_prompts, late_prompts=late_prompts,
-              prompt_embeds=prompt_embeds, settings=settings)
+              prompt_embeds=prompt_embeds, settings=settings, size=(height, width))
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -392,7 +506,7 @@ def image_to_image(pipe, images, prompts, key, strength: float = 0.8, num_steps:
   x_start = s.add_noise(x0, jnp.asarray(noise, jnp.float32), t_start)
   return _run(pipe, prompts, x_start, key_steps, guidance=guidance,
               negative_prompts=negative_prompts, late_prompts=late_prompts,
-              prompt_embeds=prompt_embeds, settings=settings)
+              prompt_embeds=prompt_embeds, settings=settings, size=images.shape[1:3])
 
 
 # -- many prompts ------------------------------------------------------------------------------------

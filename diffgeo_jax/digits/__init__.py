@@ -39,3 +39,13 @@ def _existing(path: str, what: str, command: str) -> str:
                             f'installed without it. Rebuild it with `{command} '
                             f'--config.export_dir={path}`')
   return path
+
+
+def require_pipeline(pipe, binary: str) -> None:
+  """Refuses, before any work, a pipeline other than the digits model in a binary whose numbers
+  are the digits classifier's (or whose images are the digits dataset's): an SD or SDXL folder
+  would only fail later on an image shape."""
+  if pipe.class_name != PIPELINE_CLASS:
+    raise ValueError(f'{binary} measures digits images with the digits classifier: it needs the '
+                     f'digits model (a {PIPELINE_CLASS} folder, as launch/train_t2i.py writes), '
+                     f'not a {pipe.class_name} folder (config.pipeline_dir)')

@@ -225,9 +225,29 @@ def load_tokenizer(folder: PathLike):
   return CLIPTokenizer.from_pretrained(folder)
 
 
-def load_pipeline(folder: PathLike, **model_kwargs) -> Pipeline:
-  """Loads a diffusers pipeline folder. `model_kwargs` (dtype, param_dtype, variant,
-  allow_pickle, attention_impl) go to every model."""
+def load_pipeline(source: PathLike, *, config: str | None = None, revision: str | None = None,
+                  **model_kwargs) -> Pipeline:
+  """Loads a pipeline from any of the three forms users hold weights in:
+
+  - a diffusers pipeline folder (local or gs://): model_index.json + unet/ vae/ text_encoder/ ...;
+  - an original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`,
+    `sd_xl_base_1.0.safetensors`): see `single_file.load_pipeline`; `config` names its model
+    type ('sd15', 'sd21', 'sdxl') where the keys do not tell it;
+  - a Hugging Face hub model id (`stabilityai/stable-diffusion-xl-base-1.0`), resolved through
+    the local hub cache (`hub.resolve`, at `revision`).
+
+  `model_kwargs` (dtype, param_dtype, variant, allow_pickle, attention_impl) go to every model."""
+  from diffgeo_jax.models import hub, single_file  # noqa: PLC0415 (they import this module)
+  if single_file.is_single_file(source):
+    return single_file.load_pipeline(source, config=config, **model_kwargs)
+  if config is not None:
+    raise ValueError(f'config={config!r} is read only for a single-file checkpoint; {source} is '
+                     'a pipeline folder or a hub id (its model_index.json names its parts)')
+  folder = hub.resolve(source, revision=revision, variant=model_kwargs.get('variant'))
+  return _load_pipeline_folder(folder, **model_kwargs)
+
+
+def _load_pipeline_folder(folder: PathLike, **model_kwargs) -> Pipeline:
   folder = paths.resolve(folder, 'folder')
   index_path = os.fspath(folder / 'model_index.json')
   index = config_utils.read_json(index_path)

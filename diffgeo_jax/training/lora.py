@@ -4,7 +4,7 @@
     merged = lora.merge(params, lp, scale=1.0)       # W + scale * (alpha / r) * A @ B per target
     merged = lora.merge_many(params, [(lp1, 1.0), (lp2, 0.5)])
     lora.save('out_dir', lp)                          # out_dir/pytorch_lora_weights.safetensors
-    lp = lora.load('out_dir', params)                 # also reads files written by diffusers / peft
+    lp = lora.load('out_dir', params)                 # also files of diffusers, peft, kohya-ss
 
 Layout of `lora_params`: a nested dict that mirrors the *module* paths of `params` (the path of a
 kernel without its final 'kernel'), with a `LoRA` node where the kernel would be:
@@ -31,6 +31,7 @@ There are no alpha tensors: diffusers (0.42 checked) reads alpha and rank from t
 under `lora_adapter_metadata` in the safetensors header, a flat dict of `LoraConfig` kwargs whose
 keys carry the prefix (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, ...).
 Without that entry diffusers uses alpha = r for every module (scaling 1), and so does `load`.
+`save` writes this layout; `load` also reads peft's and kohya-ss's (`lora_formats`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import safetensors.numpy
 from flax import core, struct, traverse_util
 
 from diffgeo_jax.models import convert
+from diffgeo_jax.training import lora_formats
 
 WEIGHT_NAME = 'pytorch_lora_weights.safetensors'  # diffusers' LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = 'lora_adapter_metadata'  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -293,10 +295,10 @@ def _pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
 
 
 def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | None]:
-  """(torch-layout tensors, parsed `lora_adapter_metadata` or None) of a LoRA safetensors file."""
-  file = _file_path(path)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f'no LoRA file at {file}')
+  """(tensors as stored, parsed `lora_adapter_metadata` header or None) of a LoRA safetensors file,
+  or of the one in a folder (`pytorch_lora_weights.safetensors`, else peft's
+  `adapter_model.safetensors`)."""
+  file, _ = lora_formats.find(path, WEIGHT_NAME)
   try:
     tensors = safetensors.numpy.load_file(file)
     with safetensors.safe_open(file, framework='np') as f:
@@ -310,58 +312,35 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | No
     raise ValueError(f'{file}: {METADATA_KEY} in the header is not JSON: {e}') from e
 
 
-# Older diffusers names for the same factors, rewritten as diffusers' own loader does
-# (`convert_unet_state_dict_to_peft`): training scripts save `convert_state_dict_to_diffusers(...)`,
-# which turns `to_q.lora_A` into `to_q.lora.down`, and attention-processor era files use
-# `to_q_lora.down`; text encoders use `q_proj.lora_linear_layer.down`.
-_LEGACY_NAMES = (
-    (re.compile(r'\.to_out_lora\.(up|down)\.weight$'), r'.to_out.0.lora.\1.weight'),
-    (re.compile(r'\.(to_q|to_k|to_v)_lora\.(up|down)\.weight$'), r'.\1.lora.\2.weight'),
-    (re.compile(r'\.lora(?:_linear_layer)?\.up\.weight$'), '.lora_B.weight'),
-    (re.compile(r'\.lora(?:_linear_layer)?\.down\.weight$'), '.lora_A.weight'),
-)
-
-
-def _peft_name(key: str) -> str:
-  for pattern, repl in _LEGACY_NAMES:
-    key = pattern.sub(repl, key)
-  return key
-
-
 def load(path: str | os.PathLike, params: Any, prefix: str | None = 'unet',
          dtype: Any = jnp.float32) -> dict:
-  """LoRA params from a diffusers / peft LoRA safetensors file, for the model whose `params` (arrays
-  or ShapeDtypeStructs) are given.
+  """LoRA params from a LoRA file or folder as diffusers, peft or kohya-ss write them, for the model
+  whose `params` (arrays or ShapeDtypeStructs) are given. The layouts (`lora_formats`):
 
-  Keys under other prefixes (e.g. 'text_encoder.' when prefix='unet') are ignored; older diffusers
-  names (`.lora.down` / `.lora.up`, `to_q_lora.down`, `lora_linear_layer`) are read too. Rank comes
-  from the tensor shapes; alpha from the header's `lora_adapter_metadata` (`lora_alpha`,
-  `alpha_pattern`; `use_rslora` is folded into alpha), else alpha = r as diffusers assumes. Raises
-  `convert.CheckpointMismatchError` listing every unknown module, missing factor and wrong shape."""
-  file = _file_path(path)
+  - diffusers pipeline files: `<prefix>.<module>.lora_A.weight`; keys under other prefixes (e.g.
+    'text_encoder.' when prefix='unet') are ignored; older names (`.lora.down` / `.lora.up`,
+    `to_q_lora.down`, `lora_linear_layer`) are read too. Alpha from the header's
+    `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`; `use_rslora` is folded into alpha),
+    else alpha = r, as diffusers assumes.
+  - bare peft keys `<module>.lora_A.weight` (`get_peft_model_state_dict`, `save_lora_adapter`),
+    and peft's `save_pretrained` folder (`adapter_model.safetensors`, keys
+    `base_model.model.<module>...`, with r / lora_alpha / patterns from `adapter_config.json`):
+    one model's adapter, loaded whatever `prefix` says.
+  - kohya-ss files (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, module
+    names underscored, SD or sgm block names): the keys of `prefix` ('unet': `lora_unet_`,
+    'text_encoder': `lora_te_` / `lora_te1_`, 'text_encoder_2': `lora_te2_`; the others are
+    ignored), resolved against the module names of `params`; alpha from each `.alpha`, else r.
+
+  Rank comes from the tensor shapes. Raises `convert.CheckpointMismatchError` listing every unknown
+  module, missing factor and wrong shape (`lora_formats.KohyaKeyError` for kohya names)."""
+  file, peft_config = lora_formats.find(path, WEIGHT_NAME)
   tensors, metadata = read_file(file)
-  pre = f'{prefix}.' if prefix else ''
-  if pre:
-    state = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-    if metadata is not None:
-      metadata = {k[len(pre):]: v for k, v in metadata.items() if k.startswith(pre)} or None
-    if not state:
-      found = sorted({k.split('.', 1)[0] for k in tensors})
-      raise ValueError(f'{file} has no keys under prefix {prefix!r}; its prefixes: {found}')
-  else:
-    state = dict(tensors)
-  renamed = {}
-  for k, v in state.items():
-    new = _peft_name(k)
-    if new in renamed:
-      raise ValueError(f'{file}: two keys name the same factor {pre}{new}')
-    renamed[new] = v
-  state = renamed
-  config = metadata or {}
+  kernels = _kernels(params)
+  state, config, kohya_alphas = lora_formats.select(
+      tensors, metadata, peft_config, prefix, [_torch_module(p) for p in kernels], file)
   if config.get('use_dora'):
     raise ValueError(f'{file} holds a DoRA adapter (use_dora), which is not plain LoRA')
 
-  kernels = _kernels(params)
   key_re = re.compile(r'^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$')
   modules: dict[str, dict[str, np.ndarray]] = {}
   for k, v in state.items():
@@ -392,6 +371,10 @@ def load(path: str | os.PathLike, params: Any, prefix: str | None = 'unet',
     path = key[:-2]
     a, b = flat[key], flat[path + ('lora_B', 'kernel')]
     rank, name = a.shape[-1], _torch_module(path)
+    if kohya_alphas is not None:
+      out[path] = LoRA(a=jnp.asarray(a), b=jnp.asarray(b),
+                       alpha=_check_alpha(kohya_alphas.get(name, rank)))
+      continue
     if 'r' in config:
       rk = _pattern_key(rank_pattern, name)
       if int(rank_pattern[rk] if rk is not None else config['r']) != rank:
@@ -406,6 +389,6 @@ def load(path: str | os.PathLike, params: Any, prefix: str | None = 'unet',
       alpha = float(rank)
     out[path] = LoRA(a=jnp.asarray(a), b=jnp.asarray(b), alpha=_check_alpha(alpha))
   if inconsistent:
-    raise ValueError(f'{file}: the header metadata gives other ranks than the tensors for '
-                     f'{", ".join(inconsistent)}')
+    raise ValueError(f'{file}: the adapter config (header metadata or adapter_config.json) gives '
+                     f'other ranks than the tensors for {", ".join(inconsistent)}')
   return unflatten(out)

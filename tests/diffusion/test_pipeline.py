@@ -1,13 +1,11 @@
 """text_to_image / image_to_image against diffusers' StableDiffusion(Img2Img)Pipeline on the same
 tiny random pipeline folder and the same noise; pixel-space pipelines; prompt checks; sharding."""
 
-import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
 import warnings
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -45,18 +43,6 @@ def ours_t2i(pipe, latents):
                                            guidance=SCALE, latents=jnp.asarray(latents)))
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-  """torch's spinning intra-op threads slow down 10x when another process holds a core (2-core
-  CI); these tiny models gain nothing from them."""
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    yield
-  finally:
-    torch.set_num_threads(old)
-
-
 def _diffusers(cls, folder):
   from diffusers import DDIMScheduler
   dp = cls.from_pretrained(folder, safety_checker=None)
@@ -70,7 +56,7 @@ def _diffusers(cls, folder):
 def test_text_to_image_matches_diffusers(diffusers_pipeline_dir, ours_t2i, latents):
   from diffusers import StableDiffusionPipeline
   dp = _diffusers(StableDiffusionPipeline, diffusers_pipeline_dir)
-  with torch.no_grad(), _one_torch_thread():
+  with torch.no_grad(), oracles.one_torch_thread():
     ref = dp(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE,
              latents=oracles.nchw(latents), output_type='np').images
   err, scale = oracles.assert_close_to_reference(ours_t2i, ref, rel=1e-4, what='text_to_image')
@@ -88,17 +74,8 @@ def test_image_to_image_matches_diffusers(pipe, diffusers_pipeline_dir):
   noise = rng.randn(2, 16, 16, 4).astype(np.float32)
   ours = np.asarray(pipeline.image_to_image(pipe, images, prompts, key, strength=strength,
                                             num_steps=STEPS, guidance=SCALE, noise=noise))
-  # diffusers draws the VAE posterior sample and the noise from a torch generator: give it ours
-  # (image_to_image splits `key` into posterior, noise and step keys, in that order).
-  eps_post = np.asarray(jax.random.normal(jax.random.split(key, 3)[0], noise.shape))
-
-  def retrieve_latents(out, generator=None, sample_mode='sample'):
-    return out.latent_dist.mean + out.latent_dist.std * oracles.nchw(eps_post)
-
   dp = _diffusers(StableDiffusionImg2ImgPipeline, diffusers_pipeline_dir)
-  with mock.patch.object(i2i, 'retrieve_latents', retrieve_latents), \
-       mock.patch.object(i2i, 'randn_tensor', lambda *a, **k: oracles.nchw(noise)), \
-       torch.no_grad(), _one_torch_thread():
+  with oracles.img2img_noise(i2i, key, noise), torch.no_grad(), oracles.one_torch_thread():
     ref = dp(prompts, image=oracles.nchw(images), strength=strength, num_inference_steps=STEPS,
              guidance_scale=SCALE, output_type='np').images
   err, _ = oracles.assert_close_to_reference(ours, ref, rel=1e-4, what='image_to_image')

@@ -71,37 +71,6 @@ def test_tiny_run(tmp_path):
   assert (out / 'tradeoff.png').is_file() and (out / 'table.md').is_file()
 
 
-def test_adversarial_rounds(tmp_path):
-  # duo.adversarial: one round at step 2 of 4; its attacked embedding is saved, moved away from the
-  # word's own row, and a resumed run (num_steps 6) reuses it without attacking again.
-  def train(steps):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'launch', 'train_duo.py'),
-         f'--config={os.path.join(ROOT, "configs", "duo", "digits.py")}:tiny',
-         f'--workdir={tmp_path}', '--config.duo.condition=mixed', '--config.duo.retain_weight=10',
-         '--config.data.num_retain=2', '--config.duo.adversarial.every=2',
-         '--config.duo.adversarial.steps=3', f'--config.train.num_steps={steps}'],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
-  proc = train(4)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'adversarial round at step 2' in proc.stderr
-  rows = dict(np.load(tmp_path / 'adversarial_rows.npz'))
-  assert sorted(rows) == ['2']
-  pipe = models.load_pipeline(digits.pipeline_dir())
-  from diffgeo_jax.unlearning import embedding_attack
-  token = embedding_attack.concept_token(pipe, 'eight')
-  word = np.asarray(embedding_attack.embedding_table(pipe.text_encoder_params)[token])
-  assert np.linalg.norm(rows['2'] - word) > 1e-4
-  proc = train(6)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'adversarial round at step 2' not in proc.stderr
-  assert 'adversarial round at step 4' in proc.stderr
-  assert sorted(dict(np.load(tmp_path / 'adversarial_rows.npz'))) == ['2', '4']
-  np.testing.assert_array_equal(np.load(tmp_path / 'adversarial_rows.npz')['2'], rows['2'])
-  res = json.loads((tmp_path / 'results.json').read_text())['metrics']
-  assert res['training']['resumed_from_step'] == 4
-
-
 def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path):
   # configs/duo/sd14.py end to end on a diffusers-written SD pipeline (VAE, random weights):
   # the latent path (pairs encoded by the VAE), no detector, the retain term, the LoRA export.

@@ -6,7 +6,9 @@ layers), so a wrong transpose or a missing term cannot hide behind a zero.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from unittest import mock
 
 import jax
 import numpy as np
@@ -168,3 +170,30 @@ def torch_clip(with_projection: bool = False):
   torch.manual_seed(0)
   cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
   return randomize_(cls(cfg), seed=3)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+  """torch's spinning intra-op threads slow down 10x when another process holds a core (2-core
+  CI); these tiny models gain nothing from them."""
+  old = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def img2img_noise(module, key, noise: np.ndarray):
+  """diffusers' img2img `module` draws the VAE posterior sample and the noise from a torch
+  generator: patched here to use ours (`pipeline.image_to_image` splits `key` into posterior,
+  noise and step keys, in that order; `noise` is what it was given)."""
+  eps_post = np.asarray(jax.random.normal(jax.random.split(key, 3)[0], noise.shape))
+
+  def retrieve_latents(out, generator=None, sample_mode='sample'):
+    return out.latent_dist.mean + out.latent_dist.std * nchw(eps_post)
+
+  with mock.patch.object(module, 'retrieve_latents', retrieve_latents), \
+       mock.patch.object(module, 'randn_tensor', lambda *a, **k: nchw(noise)):
+    yield

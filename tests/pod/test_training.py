@@ -1,5 +1,6 @@
 """The LoRA trainers on several hosts: a tiny launch/train_duo.py (pair generation gated by the
-detector, training in two rounds with the embedding attack between them, evaluation) and a tiny
+detector, training in two rounds with the embedding attack between them, evaluation, then resumed
+with a second round) and a tiny
 launch/train_lora.py (class images for prior preservation, training) as 2 processes x 1 CPU
 device, against one process x 2 devices.
 
@@ -93,6 +94,26 @@ def test_train_duo_generates_trains_and_evaluates_on_two_processes(tmp_path):
                              rtol=1e-2, atol=1e-6)
   np.testing.assert_allclose(m2['training']['final_loss'], m1['training']['final_loss'],
                              rtol=1e-4)
+  # The attacked row moved away from the word's own row, and a run resumed to 6 steps (on the
+  # two-process workdir, one process now) reuses round 2's row and attacks again at step 4 only.
+  from diffgeo_jax import digits, models
+  from diffgeo_jax.unlearning import embedding_attack
+  pipe = models.load_pipeline(digits.pipeline_dir())
+  word = np.asarray(embedding_attack.embedding_table(pipe.text_encoder_params)[
+      embedding_attack.concept_token(pipe, 'eight')])
+  assert np.linalg.norm(r1['2'] - word) > 1e-4
+  (resumed,) = multihost.launch([*argv, f'--workdir={work2}', '--config.train.num_steps=6',
+                                 '--config.eval.concept_samples=0'], 1, flags=False,
+                                devices_per_process=2, timeout=300)
+  assert resumed.returncode == 0, multihost.report([resumed])
+  assert 'adversarial round at step 2' not in resumed.output
+  assert 'adversarial round at step 4' in resumed.output
+  rows = np.load(work2 / 'adversarial_rows.npz')
+  assert sorted(rows.files) == ['2', '4']
+  np.testing.assert_array_equal(rows['2'], r2['2'])
+  res = json.loads((work2 / 'results.json').read_text())['metrics']
+  assert res['training']['resumed_from_step'] == 4 and res['training']['steps'] == 6
+  assert 'base' not in res  # eval.concept_samples=0: no evaluation
 
 
 def test_train_lora_with_prior_preservation_on_two_processes(tmp_path):
