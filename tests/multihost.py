@@ -55,13 +55,16 @@ def report(procs: Sequence[Process], chars: int = 4000) -> str:
 
 def launch(argv: Sequence[str], num_processes: int, *, devices_per_process: int = 2,
            timeout: float = 300, env: dict[str, str] | None = None, flags: bool = True,
-           heartbeat_timeout_s: int = 15, log_dir: str | None = None,
+           heartbeat_timeout_s: int = 60, log_dir: str | None = None,
            kill: tuple[int, Callable[[], bool]] | None = None,
            argv_for: Callable[[int], Sequence[str]] | None = None) -> list[Process]:
   """Runs `argv` as `num_processes` JAX processes and waits for all of them (see the module doc).
 
   `kill=(i, ready)`: SIGKILL process i as soon as `ready()` returns True (polled), to check that
-  the others stop on their own. `argv_for(i)` adds per-process arguments."""
+  the others stop on their own. `argv_for(i)` adds per-process arguments. `heartbeat_timeout_s`:
+  60 s by default, because a process compiling on a loaded 2-core machine can miss 15 s of
+  heartbeats and have the coordinator declare the whole job dead (seen with 4 processes beside
+  the other pytest worker); the kill test passes its own, shorter one."""
   port = free_port()
   base = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',

@@ -46,16 +46,18 @@ def test_tiny_run(tmp_path):
   lp = lora.load(tmp_path / 'lora', pipe.unet_params)
   assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
       res['lora_parameters']
-  # launch/evaluate_unlearning.py on this run: plain and attacked DSR, preservation.
+  # launch/evaluate_unlearning.py on this run: plain and attacked DSR, preservation; and on the
+  # run's LoRA file alone, as a release made elsewhere (no config.json, no pairs).
   out = tmp_path / 'eval'
+  release = tmp_path / 'lora' / 'pytorch_lora_weights.safetensors'
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch', 'evaluate_unlearning.py'),
        f'--config={os.path.join(ROOT, "configs", "duo", "evaluate.py")}:quick',
-       f'--config.runs={tmp_path}', f'--workdir={out}'], capture_output=True, text=True,
-      timeout=900, cwd=ROOT, env=ENV)
+       f'--config.runs={tmp_path},{release}', f'--workdir={out}'], capture_output=True,
+      text=True, timeout=900, cwd=ROOT, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.loads((out / 'results.json').read_text())
-  assert ev['config']['runs'] == str(tmp_path) and 'attack' in ev['wall_s']
+  assert ev['config']['runs'] == f'{tmp_path},{release}' and 'attack' in ev['wall_s']
   ev = ev['metrics']
   run = ev['runs'][str(tmp_path)]
   duo = json.loads((tmp_path / 'config.json').read_text())['duo']  # the settings come from here
@@ -69,6 +71,14 @@ def test_tiny_run(tmp_path):
     assert 0 <= run[k] <= 1, k
   assert run['mean_abs_diff_to_base'] > 0 and run['attack']['moved'] > 0
   assert (out / 'tradeoff.png').is_file() and (out / 'table.md').is_file()
+  # The release: the same LoRA, so the same plain numbers; no DUO settings; its attack learned
+  # from the base model's concept samples instead of the run's pairs.
+  rel = ev['runs'][str(release)]
+  assert rel['beta'] is None and rel['label'] == 'lora_pytorch_lora_weights'
+  for k in ('defence_success_rate', 'other_digits_accuracy', 'mean_abs_diff_to_base'):
+    assert rel[k] == run[k], k
+  assert 0 <= rel['defence_success_rate_attack'] <= 1 and rel['attack']['moved'] > 0
+  assert '| lora_pytorch_lora_weights | - | - | - | - |' in (out / 'table.md').read_text()
 
 
 def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path):
@@ -99,6 +109,15 @@ def test_sd14_config_on_a_tiny_latent_pipeline(diffusers_pipeline_dir, tmp_path)
   lp = lora.load(tmp_path / 'lora', pipe.unet_params)
   assert sum(np.size(x) for x in lora.flatten(lp).values() for x in (x.a, x.b)) == \
       res['lora_parameters']
+  # evaluate_unlearning's detector reads digits images only: an SD run is refused before any
+  # sampling, with the reason.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch', 'evaluate_unlearning.py'),
+       f'--config={os.path.join(ROOT, "configs", "duo", "evaluate_release.py")}:quick',
+       f'--config.runs={tmp_path / "lora"}', f'--config.pipeline_dir={diffusers_pipeline_dir}',
+       f'--workdir={tmp_path / "eval"}'], capture_output=True, text=True, timeout=900, cwd=ROOT,
+      env=ENV)
+  assert proc.returncode != 0 and 'the detector is the digits classifier' in proc.stderr
 
 
 _EIGHT = textwrap.dedent('''
