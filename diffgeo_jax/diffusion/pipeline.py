@@ -102,8 +102,8 @@ def _check_supported(pipe) -> None:
       raise ValueError(f'the UNet expects projection_class_embeddings_input_dim='
                        f'{pipe.unet.config.projection_class_embeddings_input_dim} added features; '
                        f'6 time ids x addition_time_embed_dim '
-                       f'{pipe.unet.config.addition_time_embed_dim} + text_encoder_2 projection_dim '
-                       f'{pipe.text_encoder_2.config.projection_dim} give {want}')
+                       f'{pipe.unet.config.addition_time_embed_dim} + text_encoder_2 '
+                       f'projection_dim {pipe.text_encoder_2.config.projection_dim} give {want}')
   elif pipe.text_encoder_2 is not None:
     raise ValueError('the pipeline has a text_encoder_2 but its UNet takes no added conditioning '
                      '(addition_embed_type is not text_time): not a pipeline this library knows')
@@ -173,10 +173,11 @@ def _prompt_embeds(pipe, prompts: list[str], prompt_embeds=None) -> Any:
   want = _embeds_shapes(pipe, len(prompts))
   if is_sdxl(pipe):
     if not isinstance(prompt_embeds, dict) or set(prompt_embeds) != set(want):
+      got = (f'a dict with keys {sorted(prompt_embeds)}' if isinstance(prompt_embeds, dict)
+             else type(prompt_embeds).__name__)
       raise ValueError(f"prompt_embeds of an SDXL pipeline must be a dict with 'context' "
                        f"{want['context']} and 'text_embeds' {want['text_embeds']} (what "
-                       f"encode_prompts returns), got {type(prompt_embeds).__name__}"
-                       f"{' with keys ' + str(sorted(prompt_embeds)) if isinstance(prompt_embeds, dict) else ''}")
+                       f"encode_prompts returns), got {got}")
     got = {k: jnp.asarray(v, jnp.float32) for k, v in prompt_embeds.items()}
     bad = {k: got[k].shape for k in want if got[k].shape != want[k]}
   else:
@@ -436,8 +437,10 @@ def text_to_image(pipe, prompts, key, num_steps: int = 50, guidance=guidance_lib
   `negative_prompts` (read by CFG): None (the empty prompt), a str for all, or one per prompt.
   `late_prompts` (read by PromptSwitch): the prompts after the switch, a str for all or one per
   prompt.
-  `prompt_embeds` (B, L, D): text-encoder outputs used instead of encoding `prompts` (which still
-  give the batch size), e.g. DECOR's projection (`decor_prompts`) or a reconstructed embedding.
+  `prompt_embeds` (B, L, D), or for SDXL the dict `encode_prompts` returns: text-encoder outputs
+  used instead of encoding `prompts` (which still give the batch size), e.g. DECOR's projection
+  (`decor_prompts`) or a reconstructed embedding. SDXL pipelines add the size/crop time ids of
+  the generated image (`add_time_ids`) themselves.
   With upsample guidance give `height`/`width` = factor x the model's default."""
   _check_supported(pipe)
   guidance = guidance_lib.as_guidance(guidance)

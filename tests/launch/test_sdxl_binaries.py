@@ -193,7 +193,8 @@ def test_train_duo_with_retain_and_an_adversarial_round(work, pipe, diffusers_sd
       r['lora_parameters']
 
 
-def test_digits_classifier_binaries_refuse_the_folder_clearly(tmp_path, diffusers_sdxl_pipeline_dir):
+def test_digits_classifier_binaries_refuse_the_folder_clearly(tmp_path,
+                                                            diffusers_sdxl_pipeline_dir):
   # launch/chromatography.py (like evaluate.py, evaluate_customization.py and goar.py) measures
   # with the digits classifier: it names what it needs before any sampling.
   proc = subprocess.run(
