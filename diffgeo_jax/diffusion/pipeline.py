@@ -181,6 +181,9 @@ def _prompt_embeds(pipe, prompts: list[str], prompt_embeds=None) -> Any:
     got = {k: jnp.asarray(v, jnp.float32) for k, v in prompt_embeds.items()}
     bad = {k: got[k].shape for k in want if got[k].shape != want[k]}
   else:
+    if isinstance(prompt_embeds, dict):
+      raise ValueError(f'prompt_embeds must be an array of shape {want} for this (non-SDXL) '
+                       f'pipeline, got a dict with keys {sorted(prompt_embeds)}')
     got = jnp.asarray(prompt_embeds, jnp.float32)
     bad = got.shape if got.shape != want else None
   if bad:
