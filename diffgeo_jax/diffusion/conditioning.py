@@ -51,20 +51,12 @@ def of_prompts(pipe, prompts: Sequence[str], size: tuple[int, int] | int | None 
   return at_size(pipe, pipeline.encode_prompts(pipe, list(prompts)), size)
 
 
-def zeros_for_empty_prompt(pipe) -> bool:
-  """Whether the unconditional conditioning is zeros rather than the empty prompt's encoding:
-  SDXL's `force_zeros_for_empty_prompt` (True unless the folder's model_index.json says
-  otherwise), as diffusers' StableDiffusionXLPipeline when no negative prompt is given."""
-  return (pipeline.is_sdxl(pipe)
-          and bool(pipe.settings.get('force_zeros_for_empty_prompt', True)))
-
-
 def unconditional(pipe, n: int, size: tuple[int, int] | int | None = None) -> Any:
   """The conditioning classifier-free guidance pairs with when there is no negative prompt, for
   `n` images of `size`, as `pipeline.text_to_image`: the empty prompt's encoding (SD), zeros in
   place of the text embeddings (SDXL with `force_zeros_for_empty_prompt`; the time ids stay)."""
   embeds = pipeline.encode_prompts(pipe, [''] * n)
-  if zeros_for_empty_prompt(pipe):
+  if pipeline.zeros_for_empty_prompt(pipe):
     embeds = jax.tree.map(jnp.zeros_like, embeds)
   return at_size(pipe, embeds, size)
 

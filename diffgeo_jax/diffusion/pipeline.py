@@ -261,12 +261,15 @@ def add_time_ids(batch: int, height: int, width: int) -> jax.Array:
   return jnp.broadcast_to(row, (batch, len(_TIME_ID_NAMES)))
 
 
+def zeros_for_empty_prompt(pipe) -> bool:
+  """Whether the unconditional conditioning without a negative prompt is zeros rather than the
+  empty prompt's encoding: SDXL's `force_zeros_for_empty_prompt` (a pipeline setting, True unless
+  the folder's model_index.json says otherwise), as diffusers' StableDiffusionXLPipeline."""
+  return is_sdxl(pipe) and bool(pipe.settings.get('force_zeros_for_empty_prompt', True))
+
+
 def _zero_negative(pipe, negative_prompts) -> bool:
-  """SDXL's `force_zeros_for_empty_prompt` (a pipeline setting, True unless the folder says
-  otherwise): with no negative prompt the unconditional embeddings are zeros, not the empty
-  prompt's encoding."""
-  return (negative_prompts is None and is_sdxl(pipe)
-          and bool(pipe.settings.get('force_zeros_for_empty_prompt', True)))
+  return negative_prompts is None and zeros_for_empty_prompt(pipe)
 
 
 # -- sharding --------------------------------------------------------------------------------------
