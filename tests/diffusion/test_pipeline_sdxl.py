@@ -149,9 +149,8 @@ def test_decor_projects_each_encoders_part_and_the_pooled_embedding(xl):
   out = pipeline.decor_prompts(xl, prompts, decor.Settings('red', strength=1.0))
   red = pipeline.encode_prompts(xl, ['red'])
   for lo, hi in ((0, 24), (24, 48)):  # each encoder's columns: nothing left in red's row space
-    basis = np.linalg.svd(np.asarray(red['context'][0, :, lo:hi]), full_matrices=False)[2]
-    basis = basis[np.linalg.svd(np.asarray(red['context'][0, :, lo:hi]))[1] > 1e-6 *
-                  np.linalg.svd(np.asarray(red['context'][0, :, lo:hi]))[1][0]]
+    _, sv, vt = np.linalg.svd(np.asarray(red['context'][0, :, lo:hi]), full_matrices=False)
+    basis = vt[sv > 1e-6 * sv[0]]  # red's row space in this encoder's columns (numpy's SVD)
     left = np.asarray(out['context'][..., lo:hi]) @ basis.T
     assert np.abs(left).max() < 1e-4 * np.abs(np.asarray(plain['context'])).max()
   pooled = np.asarray(red['text_embeds'][0])
