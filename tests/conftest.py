@@ -6,10 +6,39 @@ import os
 import jax
 import pytest
 
+# First: makes the run's compilation cache folder, which the xdist workers inherit.
+from tests import compile_cache
+
 # libtpu (the [tpu] extra) takes a lockfile meant for a process that owns a real TPU; the tests
 # only compile for TPU topologies, in several pytest workers at once.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 jax.config.update('jax_default_matmul_precision', 'highest')
+# The workers share compiled programs with each other and with the binaries the tests run.
+jax.config.update('jax_compilation_cache_dir', compile_cache.DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(compile_cache.MIN_COMPILE_SECONDS))
+
+# Folders whose tests run binaries or notebooks as subprocesses (seconds to minutes each); the
+# multi-host ones (tests/pod) are the longest. Marked `slow`, and run first: under
+# `--dist loadscope` a worker takes a whole module, so the long ones start while the other
+# worker still has short ones to take, instead of one long module ending the run alone.
+SLOW_FOLDERS = ('pod', 'aot', 'launch', 'colab')
+
+
+def _rank(item) -> int:
+  folder = os.path.relpath(str(item.path), os.path.dirname(__file__)).split(os.sep)[0]
+  if folder == 'pod':
+    return 0
+  return 1 if item.get_closest_marker('slow') else 2
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    folder = os.path.relpath(str(item.path), os.path.dirname(__file__)).split(os.sep)[0]
+    if folder in SLOW_FOLDERS:
+      item.add_marker(pytest.mark.slow)
+  items.sort(key=_rank)  # stable: collection order within a rank
 
 
 @pytest.fixture(scope='session')

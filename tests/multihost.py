@@ -21,6 +21,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+from tests import compile_cache
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,7 +68,10 @@ def launch(argv: Sequence[str], num_processes: int, *, devices_per_process: int 
   heartbeats and have the coordinator declare the whole job dead (seen with 4 processes beside
   the other pytest worker); the kill test passes its own, shorter one."""
   port = free_port()
-  base = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1',
+  # The run's shared compilation cache (tests/compile_cache.py): a one-process reference and a
+  # resumed run compile what an earlier run of the same layout already compiled. (JAX's
+  # jax_share_binary_between_hosts, one process compiling for all, hung in gloo's start-up.)
+  base = {**compile_cache.env(), 'PYTHONUNBUFFERED': '1',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',
           **(env or {})}
   log_dir = log_dir or tempfile.mkdtemp(prefix='multihost_')

@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffgeo_jax import models, paths
 from diffgeo_jax.training import summary
-from tests import gcs, multihost
+from tests import compile_cache, gcs, multihost
 
 ROOT = multihost.ROOT
 BUCKET = 'diffgeo-test'
@@ -44,10 +44,7 @@ def gcs_pipeline(emulator, tiny_digits_pipeline_dir):
 
 
 def _env(emulator, tmp_path):
-  return emulator.env({**os.environ, 'JAX_PLATFORMS': 'cpu',
-                       'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-                       'DIFFGEO_JAX_CACHE': str(tmp_path / 'staged')})
+  return emulator.env(compile_cache.env(DIFFGEO_JAX_CACHE=str(tmp_path / 'staged')))
 
 
 def _no_local_gs_folder(*folders):

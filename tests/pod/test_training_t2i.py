@@ -30,11 +30,6 @@ def _final_params(workdir):
     return step, manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def _env(tmp_path):
-  return {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
-
-
 def test_two_processes_end_with_the_parameters_of_one(tmp_path):
   """The same global batch on 2 devices: 1 process x 2 devices, then 2 processes x 1 device.
 
@@ -49,7 +44,7 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
   for n in (1, 2):
     workdir = runs[n] = tmp_path / f'p{n}'
     procs = multihost.launch(T2I + steps + [f'--workdir={workdir}'], n, flags=n > 1,
-                             devices_per_process=2 // n, timeout=400, env=_env(tmp_path),
+                             devices_per_process=2 // n, timeout=400,
                              log_dir=str(tmp_path / f'logs{n}'))
     assert all(p.returncode == 0 for p in procs), multihost.report(procs)
   results = {n: json.loads((w / 'results.json').read_text()) for n, w in runs.items()}
@@ -74,7 +69,7 @@ def test_a_killed_process_stops_the_others_with_an_error(tmp_path):
   ckpts = workdir / 'checkpoints'
   ready = lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
   procs = multihost.launch(T2I + steps + [f'--workdir={workdir}'], 2, timeout=300,
-                           heartbeat_timeout_s=10, kill=(1, ready), env=_env(tmp_path))
+                           heartbeat_timeout_s=10, kill=(1, ready))
   survivor, killed = procs
   assert killed.killed, multihost.report(procs)
   assert not survivor.timed_out, multihost.report(procs)

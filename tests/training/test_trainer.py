@@ -18,16 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from diffgeo_jax.training import trainer
+from tests import compile_cache  # the run's cache: a resumed subprocess reuses programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T2I = [sys.executable, os.path.join(ROOT, 'launch', 'train_t2i.py'),
        f'--config={os.path.join(ROOT, "configs", "digits", "t2i.py")}:tiny']
-
-
-def _env(tmp_path):
-  # A persistent compilation cache shared by the subprocesses: only the first one compiles.
-  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PLATFORMS': 'cpu'}
 
 
 def _final_params(workdir):
@@ -64,7 +59,7 @@ _TOY_RUN = textwrap.dedent('''
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   run = lambda workdir: [sys.executable, '-c', _TOY_RUN, str(workdir)]
-  env = _env(tmp_path)
+  env = compile_cache.env()
   full, cut = tmp_path / 'full', tmp_path / 'cut'
   subprocess.run(run(full), env=env, check=True, capture_output=True, cwd=ROOT)
 
@@ -122,7 +117,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
 
 
 def test_eight_devices_match_one_device(tmp_path):
-  env = {**_env(tmp_path), 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  env = {**compile_cache.env(), 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   script = _EIGHT_DEVICES.format(root=ROOT, workdir=str(tmp_path))
   out = subprocess.run([sys.executable, '-c', script], env=env, check=True, capture_output=True,
                        text=True, cwd=ROOT)
