@@ -57,13 +57,19 @@ def execute(name: str, overrides: str, tmp_path):
   nb = _notebook(name)
   cell = _parameters_cell(nb)
   cell.source = cell.source + '\n\n# tests/colab/test_notebooks.py overrides\n' + overrides
-  client = NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name='python3',
+  from jupyter_client.utils import run_sync
+  km = _kernel_manager(tmp_path)
+  client = NotebookClient(nb, km=km, kernel_name='python3',
                           timeout=CELL_TIMEOUT_S, resources={'metadata': {'path': ROOT}})
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   try:
     client.execute(cwd=ROOT, env=env)
   except CellExecutionError as e:
     pytest.fail(f'{name} failed:\n{str(e)[-4000:]}')
+  finally:
+    # nbclient leaves a kernel it was handed running: each held ~1 GB until the end of the run.
+    if run_sync(km.is_alive)():
+      run_sync(km.shutdown_kernel)(now=True)
   return nb
 
 
