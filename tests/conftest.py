@@ -18,18 +18,10 @@ jax.config.update('jax_compilation_cache_dir', compile_cache.DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(compile_cache.MIN_COMPILE_SECONDS))
 
-# Folders whose tests run binaries or notebooks as subprocesses (seconds to minutes each); the
-# multi-host ones (tests/pod) are the longest. Marked `slow`, and run first: under
-# `--dist loadscope` a worker takes a whole module, so the long ones start while the other
-# worker still has short ones to take, instead of one long module ending the run alone.
+# Folders whose tests run binaries or notebooks as subprocesses (seconds to minutes each), marked
+# `slow`: `pytest -m "not slow"` is the quick subset. (Running them first, under loadscope, made
+# the run slower: two multi-host tests side by side put 4 JAX processes on CI's 2 cores.)
 SLOW_FOLDERS = ('pod', 'aot', 'launch', 'colab')
-
-
-def _rank(item) -> int:
-  folder = os.path.relpath(str(item.path), os.path.dirname(__file__)).split(os.sep)[0]
-  if folder == 'pod':
-    return 0
-  return 1 if item.get_closest_marker('slow') else 2
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,7 +30,6 @@ def pytest_collection_modifyitems(config, items):
     folder = os.path.relpath(str(item.path), os.path.dirname(__file__)).split(os.sep)[0]
     if folder in SLOW_FOLDERS:
       item.add_marker(pytest.mark.slow)
-  items.sort(key=_rank)  # stable: collection order within a rank
 
 
 @pytest.fixture(scope='session')
