@@ -3,7 +3,11 @@ conftest.py) and the binaries that tests run as subprocesses. The programs they 
 (the shipped pipeline's sampler, a tiny training step run again to resume, the one-process
 reference of a multi-host test and its resumed run) compile once per run instead of once per
 process. The directory is made by the first pytest process (the xdist controller, or the only
-process) and handed to the workers through the environment; that process removes it at exit."""
+process) and handed to the workers through the environment; that process removes it at exit.
+
+JAX writes an entry in place (no rename), so a process may read one that another is still
+writing; JAX then warns and compiles instead (compiler._cache_read), so sharing costs at most a
+compile, never a wrong program."""
 
 import atexit
 import os
